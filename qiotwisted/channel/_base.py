@@ -1,0 +1,553 @@
+"""The Channel base class: QEMU's QIOChannel semantics on Deferreds.
+
+A subclass implements a handful of *non-blocking* primitives (``_io_read``,
+``_io_write``, ``_io_condition``, ``_io_close`` and optionally
+``_io_shutdown``/``_io_set_delay``/``_io_set_cork``/``_io_seek``) and calls
+:meth:`Channel._ready_changed` whenever its readiness may have changed.  The
+base class builds everything else on top: awaitable ``read``/``write``, the
+``*_all`` family with QEMU's EOF rules, watches and ``wait``.
+
+Thread contract: every method here is called in the reactor thread, and every
+callback (watch functions, Deferred callbacks) runs in the reactor thread.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeAlias
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..errors import ChannelClosedError, ChannelEOFError, ChannelError
+
+__all__ = [
+    "WOULD_BLOCK",
+    "Buffer",
+    "Channel",
+    "Condition",
+    "Feature",
+    "Shutdown",
+    "Watch",
+    "WatchFunc",
+    "WouldBlock",
+]
+
+
+class Condition(enum.IntFlag):
+    """GLib's ``GIOCondition`` bits, with the same values."""
+
+    IN = 1
+    PRI = 2
+    OUT = 4
+    ERR = 8
+    HUP = 16
+
+
+class Shutdown(enum.IntFlag):
+    """``QIOChannelShutdown``: which direction(s) of the data path to shut."""
+
+    READ = 1
+    WRITE = 2
+    BOTH = 3
+
+
+class Feature(enum.IntFlag):
+    """``QIOChannelFeature``, stored as bits as QEMU does."""
+
+    FD_PASS = 1 << 0
+    SHUTDOWN = 1 << 1
+    LISTEN = 1 << 2
+    WRITE_ZERO_COPY = 1 << 3
+    READ_MSG_PEEK = 1 << 4
+    SEEKABLE = 1 << 5
+    CONCURRENT_IO = 1 << 6
+
+
+class WouldBlock(enum.Enum):
+    """Sentinel type of :data:`WOULD_BLOCK` (QEMU's ``QIO_CHANNEL_ERR_BLOCK``)."""
+
+    WOULD_BLOCK = "would block"
+
+
+WOULD_BLOCK: Final = WouldBlock.WOULD_BLOCK
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+WatchFunc: TypeAlias = Callable[["Channel", Condition, Any], bool]
+
+_READ_CONDITIONS = Condition.IN | Condition.HUP | Condition.ERR
+_WRITE_CONDITIONS = Condition.OUT | Condition.HUP | Condition.ERR
+
+
+class Watch:
+    """A registered watch; :meth:`remove` it, or return False from its function."""
+
+    __slots__ = ("_channel", "condition", "data", "func", "notify")
+
+    def __init__(
+        self,
+        channel: Channel,
+        condition: Condition,
+        func: WatchFunc,
+        data: Any,
+        notify: Callable[[Any], None] | None,
+    ) -> None:
+        self._channel: Channel | None = channel
+        self.condition = condition
+        self.func = func
+        self.data = data
+        self.notify = notify
+
+    @property
+    def active(self) -> bool:
+        return self._channel is not None
+
+    def remove(self) -> None:
+        """Remove the watch; its notify runs once.  Removing twice is harmless."""
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return
+        channel._watches.remove(self)
+        if self.notify is not None:
+            channel._call_user(self.notify, self.data, what="watch notify")
+
+
+class Channel:
+    """Abstract base of every channel.  See the module docstring for the contract.
+
+    All async methods return :class:`Deferred`; ``b""`` from :meth:`read`
+    means end-of-file, as QEMU's 0 return does.
+    """
+
+    log = Logger()
+
+    def __init__(self, *, reactor: IReactorTime | None = None, name: str | None = None) -> None:
+        self._reactor_arg = reactor
+        self.name = name
+        self.features = Feature(0)
+        self._watches: list[Watch] = []
+        self._dispatch_call: Any = None
+        self._waiters: dict[str, Deferred[Condition] | None] = {"read": None, "write": None}
+        self._closed = False
+        self._close_d: Deferred[None] | None = None
+
+    # ---- the subclass contract -------------------------------------------------
+
+    def _io_read(self, nbytes: int, *, peek: bool = False) -> bytes | WouldBlock:
+        """Return up to *nbytes* bytes (at least one), ``b""`` at EOF, or WOULD_BLOCK."""
+        raise NotImplementedError
+
+    def _io_write(self, chunks: Sequence[Buffer], fds: Sequence[int]) -> int | WouldBlock:
+        """Accept a prefix of *chunks* (at least one byte) and return its length, or WOULD_BLOCK.
+
+        If any byte is accepted, all *fds* go with it.
+        """
+        raise NotImplementedError
+
+    def _io_condition(self) -> Condition:
+        """The conditions that hold right now (IN: a read won't block, OUT: a write won't)."""
+        raise NotImplementedError
+
+    def _io_close(self) -> Deferred[None] | None:
+        """Release the underlying resource; may return a Deferred that fires when done."""
+        raise NotImplementedError
+
+    def _io_shutdown(self, how: Shutdown) -> None:
+        raise ChannelError("Data path shutdown not supported")
+
+    def _io_set_delay(self, enabled: bool) -> None:
+        """Optional hint; the default ignores it, as QEMU does for channels without the hook."""
+
+    def _io_set_cork(self, enabled: bool) -> None:
+        """Optional hint; ignored by default."""
+
+    def _io_seek(self, offset: int, whence: int) -> int:
+        raise ChannelError("Channel does not support random access")
+
+    def _io_take_fds(self) -> list[int]:
+        """Return (and forget) the file descriptors received so far."""
+        return []
+
+    # ---- reactor ----------------------------------------------------------------
+
+    @property
+    def reactor(self) -> Any:
+        if self._reactor_arg is None:
+            from twisted.internet import reactor
+
+            self._reactor_arg = reactor  # type: ignore[assignment]
+        return self._reactor_arg
+
+    # ---- features, name ---------------------------------------------------------
+
+    def has_feature(self, feature: Feature) -> bool:
+        return bool(self.features & feature)
+
+    def set_feature(self, feature: Feature) -> None:
+        self.features |= feature
+
+    def set_name(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name or hex(id(self))}>"
+
+    # ---- primitive non-blocking I/O ----------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosedError()
+
+    def read_nowait(self, nbytes: int, *, peek: bool = False) -> bytes | WouldBlock:
+        """QEMU's non-blocking read: up to *nbytes* bytes, ``b""`` at EOF, or WOULD_BLOCK.
+
+        Raises :class:`ChannelError` on failure.
+        """
+        self._check_open()
+        if peek and not self.has_feature(Feature.READ_MSG_PEEK):
+            raise ChannelError("Channel does not support peek read")
+        if nbytes <= 0:
+            return b""
+        return self._io_read(nbytes, peek=peek)
+
+    def write_nowait(self, data: Buffer, fds: Sequence[int] = ()) -> int | WouldBlock:
+        """QEMU's non-blocking write: the number of bytes accepted, or WOULD_BLOCK."""
+        return self.writev_nowait([data], fds)
+
+    def writev_nowait(self, iov: Sequence[Buffer], fds: Sequence[int] = ()) -> int | WouldBlock:
+        self._check_open()
+        if fds and not self.has_feature(Feature.FD_PASS):
+            raise ChannelError("Channel does not support file descriptor passing")
+        if not any(len(c) for c in iov):
+            return 0
+        return self._io_write(iov, fds)
+
+    # ---- awaitable I/O ---------------------------------------------------------------
+
+    def read(self, nbytes: int, *, peek: bool = False) -> Deferred[bytes]:
+        """Read up to *nbytes* (at least one) bytes; ``b""`` means EOF.
+
+        Fires as soon as any data is available; does not wait to fill *nbytes*.
+        """
+        try:
+            got = self.read_nowait(nbytes, peek=peek)
+        except Exception:
+            return fail()
+        if got is not WOULD_BLOCK:
+            return succeed(got)
+        return Deferred.fromCoroutine(self._read_slow(nbytes, peek))
+
+    async def _read_slow(self, nbytes: int, peek: bool) -> bytes:
+        while True:
+            await self.wait(Condition.IN)
+            got = self.read_nowait(nbytes, peek=peek)
+            if got is not WOULD_BLOCK:
+                return got
+
+    def read_full(self, nbytes: int) -> Deferred[tuple[bytes, list[int]]]:
+        """Like :meth:`read`, also returning the file descriptors received with the data."""
+        if not self.has_feature(Feature.FD_PASS):
+            return fail(ChannelError("Channel does not support file descriptor passing"))
+
+        def with_fds(data: bytes) -> tuple[bytes, list[int]]:
+            return data, self._io_take_fds()
+
+        return self.read(nbytes).addCallback(with_fds)
+
+    def readv(self, buffers: Sequence[bytearray | memoryview]) -> Deferred[int]:
+        """Scatter one read into *buffers*; fires with the byte count (0 at EOF)."""
+        total = sum(len(b) for b in buffers)
+        return self.read(total).addCallback(_scatter, buffers)
+
+    def write(self, data: Buffer, fds: Sequence[int] = ()) -> Deferred[int]:
+        """Write a prefix of *data* (at least one byte); fires with its length.
+
+        Waits while the channel cannot take data (backpressure).
+        """
+        return self.writev([data], fds)
+
+    def writev(self, iov: Sequence[Buffer], fds: Sequence[int] = ()) -> Deferred[int]:
+        try:
+            got = self.writev_nowait(iov, fds)
+        except Exception:
+            return fail()
+        if got is not WOULD_BLOCK:
+            return succeed(got)
+        return Deferred.fromCoroutine(self._writev_slow(iov, fds))
+
+    async def _writev_slow(self, iov: Sequence[Buffer], fds: Sequence[int]) -> int:
+        while True:
+            await self.wait(Condition.OUT)
+            got = self.writev_nowait(iov, fds)
+            if got is not WOULD_BLOCK:
+                return got
+
+    # ---- the *_all family ----------------------------------------------------------
+
+    def read_all(self, nbytes: int) -> Deferred[bytes]:
+        """Read exactly *nbytes*; any EOF first is :class:`ChannelEOFError` (QEMU's message)."""
+
+        def check(data: bytes) -> bytes:
+            if len(data) < nbytes:
+                raise ChannelEOFError()
+            return data
+
+        return self.read_all_eof(nbytes).addCallback(check)
+
+    def read_all_eof(self, nbytes: int) -> Deferred[bytes]:
+        """Read exactly *nbytes*, or ``b""`` if EOF comes before the first byte.
+
+        EOF after some bytes is :class:`ChannelEOFError`.
+        """
+        try:
+            first = self.read_nowait(nbytes)
+        except Exception:
+            return fail()
+        if first is not WOULD_BLOCK and (len(first) == nbytes or first == b""):
+            return succeed(first)
+        return Deferred.fromCoroutine(self._read_all_eof(nbytes, first))
+
+    async def _read_all_eof(self, nbytes: int, first: bytes | WouldBlock) -> bytes:
+        parts: list[bytes] = []
+        got = 0
+        if first is not WOULD_BLOCK:
+            parts.append(first)
+            got = len(first)
+        while got < nbytes:
+            data = await self.read(nbytes - got)
+            if not data:
+                if got == 0:
+                    return b""
+                raise ChannelEOFError()
+            parts.append(data)
+            got += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def readv_all(self, buffers: Sequence[bytearray | memoryview]) -> Deferred[None]:
+        """Fill every buffer completely; EOF first is :class:`ChannelEOFError`."""
+        total = sum(len(b) for b in buffers)
+        return self.read_all(total).addCallback(_scatter, buffers).addCallback(lambda _: None)
+
+    def readv_all_eof(self, buffers: Sequence[bytearray | memoryview]) -> Deferred[bool]:
+        """Fill every buffer: True when filled, False on EOF before any byte."""
+        total = sum(len(b) for b in buffers)
+        return self.read_all_eof(total).addCallback(lambda d: bool(_scatter(d, buffers)))
+
+    def write_all(self, data: Buffer, fds: Sequence[int] = ()) -> Deferred[None]:
+        """Write every byte of *data*, waiting for room as needed; *fds* go with the first chunk."""
+        return self.writev_all([data], fds)
+
+    def writev_all(self, iov: Sequence[Buffer], fds: Sequence[int] = ()) -> Deferred[None]:
+        try:
+            got = self.writev_nowait(iov, fds)
+        except Exception:
+            return fail()
+        total = sum(len(c) for c in iov)
+        if got is not WOULD_BLOCK and got == total:
+            return succeed(None)
+        return Deferred.fromCoroutine(self._writev_all(iov, fds, got))
+
+    async def _writev_all(
+        self, iov: Sequence[Buffer], fds: Sequence[int], first: int | WouldBlock
+    ) -> None:
+        pending = [memoryview(c).cast("B") for c in iov if len(c)]
+        if first is not WOULD_BLOCK:
+            pending = _discard_front(pending, first)
+            fds = ()
+        while pending:
+            n = await self.writev(pending, fds)
+            fds = ()
+            pending = _discard_front(pending, n)
+
+    # ---- control ---------------------------------------------------------------------
+
+    def shutdown(self, how: Shutdown = Shutdown.BOTH) -> None:
+        """Shut one or both directions of the data path; thread contract: reactor thread."""
+        self._check_open()
+        self._io_shutdown(Shutdown(how))
+        self._ready_changed()
+
+    def close(self) -> Deferred[None]:
+        """Close the channel, flushing pending output; fires when the resource is released.
+
+        Closing twice returns the first close's Deferred state.  Pending waiters
+        fail with :class:`ChannelClosedError`; watches are removed.
+        """
+        if self._close_d is not None:
+            return _chain(self._close_d)
+        self._closed = True
+        for direction, waiter in list(self._waiters.items()):
+            self._waiters[direction] = None
+            if waiter is not None:
+                waiter.errback(ChannelClosedError())
+        for watch in list(self._watches):
+            watch.remove()
+        if self._dispatch_call is not None and self._dispatch_call.active():
+            self._dispatch_call.cancel()
+        self._dispatch_call = None
+        try:
+            result = self._io_close()
+        except Exception:
+            self._close_d = fail()
+        else:
+            self._close_d = result if result is not None else succeed(None)
+        return _chain(self._close_d)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def set_delay(self, enabled: bool) -> None:
+        """Nagle on (True) or off (False); a hint, ignored where meaningless."""
+        self._io_set_delay(enabled)
+
+    def set_cork(self, enabled: bool) -> None:
+        """Cork output (TCP_CORK); a hint, ignored where meaningless."""
+        self._io_set_cork(enabled)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """QEMU's ``qio_channel_io_seek``."""
+        self._check_open()
+        return self._io_seek(offset, whence)
+
+    # ---- readiness: watches and wait -------------------------------------------------------
+
+    def condition(self) -> Condition:
+        """The conditions that hold now (closed channels report nothing)."""
+        return Condition(0) if self._closed else self._io_condition()
+
+    def add_watch(
+        self,
+        condition: Condition,
+        func: WatchFunc,
+        data: Any = None,
+        notify: Callable[[Any], None] | None = None,
+    ) -> Watch:
+        """Call ``func(channel, ready & condition, data)`` whenever a condition holds.
+
+        Level-triggered, like a GLib watch: it fires on each reactor turn while
+        the condition holds.  Return True to keep the watch, False to remove it;
+        ``notify(data)`` runs once when it goes.  A func that raises is logged
+        and the watch removed.
+        """
+        watch = Watch(self, Condition(condition), func, data, notify)
+        self._watches.append(watch)
+        self._schedule_dispatch()
+        return watch
+
+    def wait(self, condition: Condition) -> Deferred[Condition]:
+        """Fire with the conditions that hold once *condition* (IN or OUT) does.
+
+        HUP and ERR also wake the waiter.  At most one waiter per direction, as
+        QEMU asserts for ``qio_channel_yield``; cancelling the Deferred frees the slot.
+        """
+        if condition == Condition.IN:
+            direction, mask = "read", _READ_CONDITIONS
+        elif condition == Condition.OUT:
+            direction, mask = "write", _WRITE_CONDITIONS
+        else:
+            return fail(ValueError("wait() takes Condition.IN or Condition.OUT"))
+        if self._closed:
+            return fail(ChannelClosedError())
+        ready = self._io_condition() & mask
+        if ready:
+            return succeed(ready)
+        if self._waiters[direction] is not None:
+            return fail(ChannelError(f"Another coroutine is already waiting to {direction}"))
+
+        def cancel(d: Deferred[Condition]) -> None:
+            if self._waiters.get(direction) is d:
+                self._waiters[direction] = None
+
+        waiter: Deferred[Condition] = Deferred(cancel)
+        self._waiters[direction] = waiter
+        return waiter
+
+    def _ready_changed(self) -> None:
+        """Subclasses call this when readiness may have changed (data, room, EOF, error)."""
+        if self._waiters["read"] is not None or self._waiters["write"] is not None:
+            ready = self._io_condition()
+            for direction, mask in (("read", _READ_CONDITIONS), ("write", _WRITE_CONDITIONS)):
+                waiter = self._waiters[direction]
+                if waiter is not None and ready & mask:
+                    self._waiters[direction] = None
+                    waiter.callback(ready & mask)
+        if self._watches:
+            self._schedule_dispatch()
+
+    def _schedule_dispatch(self) -> None:
+        if self._dispatch_call is None and not self._closed:
+            self._dispatch_call = self.reactor.callLater(0, self._dispatch_watches)
+
+    def _dispatch_watches(self) -> None:
+        self._dispatch_call = None
+        if self._closed:
+            return
+        still_ready = False
+        for watch in list(self._watches):
+            if not watch.active:
+                continue
+            ready = self._io_condition() & watch.condition
+            if not ready:
+                continue
+            try:
+                keep = watch.func(self, ready, watch.data)
+            except Exception:
+                self.log.failure("watch function {func!r} on {channel!r} raised; watch removed",
+                                 func=watch.func, channel=self)
+                keep = False
+            if not keep:
+                watch.remove()
+            elif not self._closed and self._io_condition() & watch.condition:
+                still_ready = True
+        if still_ready:
+            self._schedule_dispatch()
+
+    def _call_user(self, func: Callable[..., object], *args: object, what: str) -> None:
+        try:
+            func(*args)
+        except Exception:
+            self.log.failure("{what} {func!r} raised", what=what, func=func)
+
+
+def _scatter(data: bytes, buffers: Sequence[bytearray | memoryview]) -> int:
+    """Copy *data* into *buffers* in order; return its length."""
+    offset = 0
+    for buf in buffers:
+        if offset >= len(data):
+            break
+        n = min(len(buf), len(data) - offset)
+        buf[:n] = data[offset : offset + n]
+        offset += n
+    return len(data)
+
+
+def _discard_front(iov: list[memoryview], n: int) -> list[memoryview]:
+    """QEMU's ``iov_discard_front``: drop the first *n* bytes of *iov*."""
+    while n and iov:
+        first = iov[0]
+        if n >= len(first):
+            n -= len(first)
+            iov = iov[1:]
+        else:
+            iov = [first[n:], *iov[1:]]
+            n = 0
+    return iov
+
+
+def _chain(d: Deferred[None]) -> Deferred[None]:
+    """A new Deferred that fires like *d*, so several callers can each await a close."""
+    out: Deferred[None] = Deferred()
+
+    def relay(result: None | Failure) -> None | Failure:
+        if isinstance(result, Failure):
+            out.errback(result)
+            return None
+        out.callback(result)
+        return result
+
+    d.addBoth(relay)
+    return out

@@ -2,20 +2,29 @@
 
 A subclass implements a handful of *non-blocking* primitives (``_io_read``,
 ``_io_write``, ``_io_condition``, ``_io_close`` and optionally
-``_io_shutdown``/``_io_set_delay``/``_io_set_cork``/``_io_seek``) and calls
-:meth:`Channel._ready_changed` whenever its readiness may have changed.  The
-base class builds everything else on top: awaitable ``read``/``write``, the
-``*_all`` family with QEMU's EOF rules, watches and ``wait``.
+``_io_shutdown``/``_io_set_delay``/``_io_set_cork``/``_io_seek``/
+``_io_read_full``) and calls :meth:`Channel._ready_changed` whenever its
+readiness may have changed.  The base class builds everything else on top:
+awaitable ``read``/``write``, the ``*_all`` family with QEMU's EOF rules,
+watches and ``wait``.
 
 Thread contract: every method here is called in the reactor thread, and every
 callback (watch functions, Deferred callbacks) runs in the reactor thread.
+
+Performance note: ``read``/``write`` first try the non-blocking primitive and
+return an already-fired Deferred when it succeeds; only when the channel would
+block do they park a single waiter (no coroutine, no extra Deferred layers).
+A pull-style reader therefore costs one primitive call per chunk while data is
+flowing, which is what lets ``await ch.read(1 << 20)`` keep up with a bare
+Twisted protocol.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Callable, Sequence
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -35,6 +44,8 @@ __all__ = [
     "WatchFunc",
     "WouldBlock",
 ]
+
+_T = TypeVar("_T")
 
 
 class Condition(enum.IntFlag):
@@ -115,6 +126,47 @@ class Watch:
             channel._call_user(self.notify, self.data, what="watch notify")
 
 
+class _Outcome(Generic[_T]):
+    """Remember one outcome and give every observer its own Deferred for it.
+
+    Used for :meth:`Channel.close`: each caller awaits the same close, and a
+    failed close fails *every* caller (a shared Deferred would hand the error
+    to the first observer only and success to the rest).
+    """
+
+    __slots__ = ("_observers", "_result")
+
+    _PENDING: Final = object()
+
+    def __init__(self) -> None:
+        self._result: object = self._PENDING
+        self._observers: list[Deferred[_T]] = []
+
+    def observe(self) -> Deferred[_T]:
+        if self._result is self._PENDING:
+
+            def cancel(d: Deferred[_T]) -> None:
+                if d in self._observers:
+                    self._observers.remove(d)
+
+            d: Deferred[_T] = Deferred(cancel)
+            self._observers.append(d)
+            return d
+        if isinstance(self._result, Failure):
+            return fail(self._result)
+        return succeed(self._result)  # type: ignore[arg-type]
+
+    def fire(self, result: object) -> None:
+        """Record *result* (a value or a Failure) and fire the observers; consumes a Failure."""
+        self._result = result
+        observers, self._observers = self._observers, []
+        for d in observers:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)  # type: ignore[arg-type]
+
+
 class Channel:
     """Abstract base of every channel.  See the module docstring for the contract.
 
@@ -132,7 +184,7 @@ class Channel:
         self._dispatch_call: Any = None
         self._waiters: dict[str, Deferred[Condition] | None] = {"read": None, "write": None}
         self._closed = False
-        self._close_d: Deferred[None] | None = None
+        self._close_outcome: _Outcome[None] | None = None
 
     # ---- the subclass contract -------------------------------------------------
 
@@ -143,7 +195,9 @@ class Channel:
     def _io_write(self, chunks: Sequence[Buffer], fds: Sequence[int]) -> int | WouldBlock:
         """Accept a prefix of *chunks* (at least one byte) and return its length, or WOULD_BLOCK.
 
-        If any byte is accepted, all *fds* go with it.
+        If any byte is accepted, all *fds* go with it.  The caller may reuse
+        mutable buffers as soon as this returns, so a subclass that keeps data
+        must copy it (``bytes`` can be kept as they are).
         """
         raise NotImplementedError
 
@@ -168,8 +222,19 @@ class Channel:
         raise ChannelError("Channel does not support random access")
 
     def _io_take_fds(self) -> list[int]:
-        """Return (and forget) the file descriptors received so far."""
+        """Return (and forget) the file descriptors received with the data read so far."""
         return []
+
+    def _io_read_full(self, nbytes: int) -> tuple[bytes, list[int]] | WouldBlock:
+        """Like ``_io_read``, also returning the fds that came with the returned bytes.
+
+        Only called when the channel has :attr:`Feature.FD_PASS`.  The default
+        pairs ``_io_read`` with ``_io_take_fds``.
+        """
+        data = self._io_read(nbytes)
+        if data is WOULD_BLOCK:
+            return WOULD_BLOCK
+        return data, self._io_take_fds()
 
     # ---- reactor ----------------------------------------------------------------
 
@@ -178,7 +243,7 @@ class Channel:
         if self._reactor_arg is None:
             from twisted.internet import reactor
 
-            self._reactor_arg = reactor  # type: ignore[assignment]
+            self._reactor_arg = reactor
         return self._reactor_arg
 
     # ---- features, name ---------------------------------------------------------
@@ -204,26 +269,39 @@ class Channel:
     def read_nowait(self, nbytes: int, *, peek: bool = False) -> bytes | WouldBlock:
         """QEMU's non-blocking read: up to *nbytes* bytes, ``b""`` at EOF, or WOULD_BLOCK.
 
+        With *peek* the bytes stay in the channel (``READ_MSG_PEEK``).
         Raises :class:`ChannelError` on failure.
         """
-        self._check_open()
-        if peek and not self.has_feature(Feature.READ_MSG_PEEK):
+        if self._closed:
+            raise ChannelClosedError()
+        if peek and not self.features & Feature.READ_MSG_PEEK:
             raise ChannelError("Channel does not support peek read")
         if nbytes <= 0:
             return b""
         return self._io_read(nbytes, peek=peek)
+
+    def read_full_nowait(self, nbytes: int) -> tuple[bytes, list[int]] | WouldBlock:
+        """QEMU's non-blocking ``readv_full``: ``(data, fds)``; the caller owns (closes) the fds."""
+        self._check_open()
+        if not self.features & Feature.FD_PASS:
+            raise ChannelError("Channel does not support file descriptor passing")
+        if nbytes <= 0:
+            return b"", []
+        return self._io_read_full(nbytes)
 
     def write_nowait(self, data: Buffer, fds: Sequence[int] = ()) -> int | WouldBlock:
         """QEMU's non-blocking write: the number of bytes accepted, or WOULD_BLOCK."""
         return self.writev_nowait([data], fds)
 
     def writev_nowait(self, iov: Sequence[Buffer], fds: Sequence[int] = ()) -> int | WouldBlock:
-        self._check_open()
-        if fds and not self.has_feature(Feature.FD_PASS):
+        if self._closed:
+            raise ChannelClosedError()
+        if fds and not self.features & Feature.FD_PASS:
             raise ChannelError("Channel does not support file descriptor passing")
-        if not any(len(c) for c in iov):
-            return 0
-        return self._io_write(iov, fds)
+        for c in iov:
+            if len(c):
+                return self._io_write(iov, fds)
+        return 0
 
     # ---- awaitable I/O ---------------------------------------------------------------
 
@@ -231,6 +309,7 @@ class Channel:
         """Read up to *nbytes* (at least one) bytes; ``b""`` means EOF.
 
         Fires as soon as any data is available; does not wait to fill *nbytes*.
+        Cancelling the Deferred frees the read-waiter slot and loses no data.
         """
         try:
             got = self.read_nowait(nbytes, peek=peek)
@@ -238,24 +317,22 @@ class Channel:
             return fail()
         if got is not WOULD_BLOCK:
             return succeed(got)
-        return Deferred.fromCoroutine(self._read_slow(nbytes, peek))
-
-    async def _read_slow(self, nbytes: int, peek: bool) -> bytes:
-        while True:
-            await self.wait(Condition.IN)
-            got = self.read_nowait(nbytes, peek=peek)
-            if got is not WOULD_BLOCK:
-                return got
+        return self._when_ready(Condition.IN, lambda: self.read_nowait(nbytes, peek=peek))
 
     def read_full(self, nbytes: int) -> Deferred[tuple[bytes, list[int]]]:
-        """Like :meth:`read`, also returning the file descriptors received with the data."""
-        if not self.has_feature(Feature.FD_PASS):
-            return fail(ChannelError("Channel does not support file descriptor passing"))
+        """Like :meth:`read`, also returning the file descriptors that came with the data.
 
-        def with_fds(data: bytes) -> tuple[bytes, list[int]]:
-            return data, self._io_take_fds()
-
-        return self.read(nbytes).addCallback(with_fds)
+        The caller owns the returned fds and must close them.  fds that arrive
+        with bytes consumed by a plain :meth:`read` are closed by the channel,
+        as the kernel discards them for a ``recvmsg`` without room for them.
+        """
+        try:
+            got = self.read_full_nowait(nbytes)
+        except Exception:
+            return fail()
+        if got is not WOULD_BLOCK:
+            return succeed(got)
+        return self._when_ready(Condition.IN, lambda: self.read_full_nowait(nbytes))
 
     def readv(self, buffers: Sequence[bytearray | memoryview]) -> Deferred[int]:
         """Scatter one read into *buffers*; fires with the byte count (0 at EOF)."""
@@ -276,14 +353,48 @@ class Channel:
             return fail()
         if got is not WOULD_BLOCK:
             return succeed(got)
-        return Deferred.fromCoroutine(self._writev_slow(iov, fds))
+        return self._when_ready(Condition.OUT, lambda: self.writev_nowait(iov, fds))
 
-    async def _writev_slow(self, iov: Sequence[Buffer], fds: Sequence[int]) -> int:
-        while True:
-            await self.wait(Condition.OUT)
-            got = self.writev_nowait(iov, fds)
-            if got is not WOULD_BLOCK:
-                return got
+    def _when_ready(
+        self, condition: Condition, attempt: Callable[[], _T | WouldBlock]
+    ) -> Deferred[_T]:
+        """Call *attempt* each time *condition* holds until it stops returning WOULD_BLOCK.
+
+        One waiter slot per direction is held meanwhile; cancelling the result
+        cancels the waiter, which frees the slot.
+        """
+        waiting: Deferred[Condition] | None = None
+
+        def cancel(_: Deferred[_T]) -> None:
+            if waiting is not None:
+                waiting.cancel()
+
+        result: Deferred[_T] = Deferred(cancel)
+
+        def arm() -> None:
+            nonlocal waiting
+            waiting = self.wait(condition)
+            waiting.addCallbacks(ready, failed)
+
+        def ready(_: object) -> None:
+            nonlocal waiting
+            waiting = None
+            try:
+                got = attempt()
+            except Exception:
+                result.errback()
+                return
+            if got is WOULD_BLOCK:
+                arm()
+            else:
+                result.callback(got)
+
+        def failed(f: Failure) -> None:
+            if not result.called:
+                result.errback(f)
+
+        arm()
+        return result
 
     # ---- the *_all family ----------------------------------------------------------
 
@@ -300,7 +411,8 @@ class Channel:
     def read_all_eof(self, nbytes: int) -> Deferred[bytes]:
         """Read exactly *nbytes*, or ``b""`` if EOF comes before the first byte.
 
-        EOF after some bytes is :class:`ChannelEOFError`.
+        EOF after some bytes is :class:`ChannelEOFError`.  Cancelling stops the
+        loop; bytes already consumed by it are lost, as in QEMU.
         """
         try:
             first = self.read_nowait(nbytes)
@@ -326,6 +438,32 @@ class Channel:
             got += len(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def read_all_full(self, nbytes: int) -> Deferred[tuple[bytes, list[int]]]:
+        """QEMU's ``readv_full_all``: exactly *nbytes* plus every fd that came with them.
+
+        EOF before all bytes is :class:`ChannelEOFError`; on any error the fds
+        collected so far are closed.
+        """
+        return Deferred.fromCoroutine(self._read_all_full(nbytes))
+
+    async def _read_all_full(self, nbytes: int) -> tuple[bytes, list[int]]:
+        parts: list[bytes] = []
+        fds: list[int] = []
+        got = 0
+        try:
+            while got < nbytes:
+                data, more = await self.read_full(nbytes - got)
+                fds.extend(more)
+                if not data:
+                    raise ChannelEOFError()
+                parts.append(data)
+                got += len(data)
+        except BaseException:
+            for fd in fds:
+                _close_quietly(fd)
+            raise
+        return b"".join(parts), fds
+
     def readv_all(self, buffers: Sequence[bytearray | memoryview]) -> Deferred[None]:
         """Fill every buffer completely; EOF first is :class:`ChannelEOFError`."""
         total = sum(len(b) for b in buffers)
@@ -345,8 +483,7 @@ class Channel:
             got = self.writev_nowait(iov, fds)
         except Exception:
             return fail()
-        total = sum(len(c) for c in iov)
-        if got is not WOULD_BLOCK and got == total:
+        if got is not WOULD_BLOCK and got == sum(len(c) for c in iov):
             return succeed(None)
         return Deferred.fromCoroutine(self._writev_all(iov, fds, got))
 
@@ -373,11 +510,15 @@ class Channel:
     def close(self) -> Deferred[None]:
         """Close the channel, flushing pending output; fires when the resource is released.
 
-        Closing twice returns the first close's Deferred state.  Pending waiters
-        fail with :class:`ChannelClosedError`; watches are removed.
+        Every call returns a new Deferred for the same close: closing twice
+        (or after a failed close) reports the first close's outcome to both
+        callers.  Pending waiters fail with :class:`ChannelClosedError`;
+        watches are removed (their notify runs).
         """
-        if self._close_d is not None:
-            return _chain(self._close_d)
+        if self._close_outcome is not None:
+            return self._close_outcome.observe()
+        outcome: _Outcome[None] = _Outcome()
+        self._close_outcome = outcome
         self._closed = True
         for direction, waiter in list(self._waiters.items()):
             self._waiters[direction] = None
@@ -391,10 +532,13 @@ class Channel:
         try:
             result = self._io_close()
         except Exception:
-            self._close_d = fail()
+            outcome.fire(Failure())
         else:
-            self._close_d = result if result is not None else succeed(None)
-        return _chain(self._close_d)
+            if result is None:
+                outcome.fire(None)
+            else:
+                result.addBoth(outcome.fire)
+        return outcome.observe()
 
     @property
     def closed(self) -> bool:
@@ -429,9 +573,11 @@ class Channel:
         """Call ``func(channel, ready & condition, data)`` whenever a condition holds.
 
         Level-triggered, like a GLib watch: it fires on each reactor turn while
-        the condition holds.  Return True to keep the watch, False to remove it;
-        ``notify(data)`` runs once when it goes.  A func that raises is logged
-        and the watch removed.
+        the condition holds (never synchronously inside ``add_watch``).  HUP
+        and ERR are reported only if asked for.  Return True to keep the
+        watch, False to remove it; ``notify(data)`` runs once when it goes
+        (removal, False, a raise, or channel close).  A func that raises is
+        logged and the watch removed.
         """
         watch = Watch(self, Condition(condition), func, data, notify)
         self._watches.append(watch)
@@ -468,13 +614,16 @@ class Channel:
 
     def _ready_changed(self) -> None:
         """Subclasses call this when readiness may have changed (data, room, EOF, error)."""
-        if self._waiters["read"] is not None or self._waiters["write"] is not None:
+        waiters = self._waiters
+        if waiters["read"] is not None or waiters["write"] is not None:
             ready = self._io_condition()
             for direction, mask in (("read", _READ_CONDITIONS), ("write", _WRITE_CONDITIONS)):
-                waiter = self._waiters[direction]
+                waiter = waiters[direction]
                 if waiter is not None and ready & mask:
-                    self._waiters[direction] = None
+                    waiters[direction] = None
                     waiter.callback(ready & mask)
+                    # The callback may have consumed data or room; look again.
+                    ready = self._io_condition() if not self._closed else Condition(0)
         if self._watches:
             self._schedule_dispatch()
 
@@ -496,12 +645,17 @@ class Channel:
             try:
                 keep = watch.func(self, ready, watch.data)
             except Exception:
-                self.log.failure("watch function {func!r} on {channel!r} raised; watch removed",
-                                 func=watch.func, channel=self)
+                self.log.failure(
+                    "watch function {func!r} on {channel!r} raised; watch removed",
+                    func=watch.func,
+                    channel=self,
+                )
                 keep = False
+            if self._closed:
+                return
             if not keep:
                 watch.remove()
-            elif not self._closed and self._io_condition() & watch.condition:
+            elif self._io_condition() & watch.condition:
                 still_ready = True
         if still_ready:
             self._schedule_dispatch()
@@ -527,27 +681,19 @@ def _scatter(data: bytes, buffers: Sequence[bytearray | memoryview]) -> int:
 
 def _discard_front(iov: list[memoryview], n: int) -> list[memoryview]:
     """QEMU's ``iov_discard_front``: drop the first *n* bytes of *iov*."""
-    while n and iov:
-        first = iov[0]
+    i = 0
+    while n and i < len(iov):
+        first = iov[i]
         if n >= len(first):
             n -= len(first)
-            iov = iov[1:]
+            i += 1
         else:
-            iov = [first[n:], *iov[1:]]
-            n = 0
-    return iov
+            return [first[n:], *iov[i + 1 :]]
+    return iov[i:]
 
 
-def _chain(d: Deferred[None]) -> Deferred[None]:
-    """A new Deferred that fires like *d*, so several callers can each await a close."""
-    out: Deferred[None] = Deferred()
-
-    def relay(result: None | Failure) -> None | Failure:
-        if isinstance(result, Failure):
-            out.errback(result)
-            return None
-        out.callback(result)
-        return result
-
-    d.addBoth(relay)
-    return out
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # already closed by its owner; nothing else to release

@@ -1,0 +1,1 @@
+"""QEMU live migration: the sans-IO wire format (:mod:`.wire`) and the endpoints built on it."""

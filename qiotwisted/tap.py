@@ -79,7 +79,9 @@ class RecorderService(service.Service):
         super().startService()
         # Logged once the reactor runs (and twistd's signal handlers are in place).
         self.recorder.reactor.callWhenRunning(
-            self.log.info, "qio record ready: sessions go to {output}", output=str(self.recorder.output)
+            self.log.info,
+            "qio record ready: sessions go to {output}",
+            output=str(self.recorder.output),
         )
 
     def stopService(self) -> Deferred[None] | None:

@@ -90,7 +90,9 @@ _GLOB_ALPHABET = st.sampled_from(list("ab*?é,=\\[]"))
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.text(_GLOB_ALPHABET, max_size=8), st.text(st.sampled_from(list("abé,=*?\\[]")), max_size=10))
+@given(
+    st.text(_GLOB_ALPHABET, max_size=8), st.text(st.sampled_from(list("abé,=*?\\[]")), max_size=10)
+)
 def test_pattern_match_simple_equals_glib(pattern: str, string: str) -> None:
     assert pattern_match_simple(pattern, string) == glib_match(pattern, string)
 
@@ -198,7 +200,11 @@ def test_authz_list_from_dict_round_trip_and_errors() -> None:
         ],
     }
     authz = AuthzList.from_dict(data)
-    assert authz.to_dict()["rules"][1] == {"match": "C=UK,CN=x", "policy": "allow", "format": "exact"}
+    assert authz.to_dict()["rules"][1] == {
+        "match": "C=UK,CN=x",
+        "policy": "allow",
+        "format": "exact",
+    }
     assert not authz.is_allowed("C=UK,CN=badly")
     with pytest.raises(AuthzError, match="Parameter 'policy' does not accept value 'maybe'"):
         AuthzList.from_dict({"policy": "maybe"})
@@ -418,9 +424,7 @@ def _attributes(draw: st.DrawFn) -> x509.NameAttribute:
         raise
 
 
-@settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much]
-)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(st.lists(st.lists(_attributes(), min_size=1, max_size=3), min_size=1, max_size=4))
 def test_dn_string_equals_gnutls_for_random_names(rdns: list[list[x509.NameAttribute]]) -> None:
     try:
@@ -481,49 +485,42 @@ def test_parse_dn_errors(text: str, message: str) -> None:
 # ---- what a real QEMU 7.2's authz sees ------------------------------------------------------
 
 
-def _tls_connect_and_close(creds: TLSCreds, port: int) -> str | None:
-    """Handshake with our client context (verifying QEMU's server cert), then close."""
+def _tls_handshake(
+    creds: TLSCreds, port: int, deadline: float
+) -> tuple[socket.socket, SSL.Connection]:
+    """Connect and handshake with our client context (it verifies QEMU's server cert)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.setblocking(True)
     conn = SSL.Connection(creds.context, sock)
     conn.set_connect_state()
-    error = None
-    try:
-        for _ in range(200):
-            try:
-                conn.do_handshake()
-                break
-            except SSL.WantReadError:
-                select.select([sock], [], [], 5)
-        # Wait for QEMU's verdict: authz failure closes the connection.
-        for _ in range(200):
-            try:
-                conn.recv(1)
-            except SSL.WantReadError:
-                select.select([sock], [], [], 5)
-                continue
-            except (SSL.Error, OSError) as e:
-                error = repr(e)
-            break
-    finally:
-        sock.close()
-    return error
+    while True:
+        try:
+            conn.do_handshake()
+            return sock, conn
+        except SSL.WantReadError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                sock.close()
+                raise TimeoutError("TLS handshake with QEMU did not finish") from None
+            select.select([sock], [], [], left)
 
 
-def _authz_verdicts(log: Path, count: int) -> list[tuple[str, bool]]:
+def _authz_verdicts(log: Path, count: int, deadline: float) -> list[tuple[str, bool]]:
+    """The (identity, allowed) pairs QEMU traced, once there are *count* of them."""
     pattern = re.compile(r"qauthz_is_allowed AuthZ \S+ check identity=(.*) allowed=(\d)")
-    for _ in range(200):
+    while True:
         found = [(m[1], m[2] == "1") for m in pattern.finditer(log.read_text(errors="replace"))]
         if len(found) >= count:
             return found
-        time.sleep(0.05)
-    raise AssertionError(f"QEMU logged no authz verdict:\n{log.read_text(errors='replace')}")
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"QEMU logged no authz verdict:\n{log.read_text(errors='replace')}"
+            )
+        time.sleep(0.02)
 
 
 @pytest.mark.qemu
-def test_qemu_authz_sees_dn_string_and_agrees_with_our_rules(
-    pki: TestPKI, tmp_path: Path
-) -> None:
+def test_qemu_authz_sees_dn_string_and_agrees_with_our_rules(pki: TestPKI, tmp_path: Path) -> None:
     """A QEMU 7.2 TLS migration destination with authz objects, and our client certificate.
 
     QEMU traces the identity it checks (``qauthz_is_allowed``): it is exactly
@@ -551,7 +548,9 @@ def test_qemu_authz_sees_dn_string_and_agrees_with_our_rules(
             {
                 "qom-type": "authz-list",
                 "policy": "allow",
-                "rules": [{"match": "C=UK,ST=*,CN=qemu-?lient", "policy": "deny", "format": "glob"}],
+                "rules": [
+                    {"match": "C=UK,ST=*,CN=qemu-?lient", "policy": "deny", "format": "glob"}
+                ],
             },
             AuthzList([AuthzRule("C=UK,ST=*,CN=qemu-?lient", Policy.DENY, Format.GLOB)], "allow"),
         ),
@@ -592,11 +591,16 @@ def test_qemu_authz_sees_dn_string_and_agrees_with_our_rules(
         assert port
         for i, (name, _props, ours) in enumerate(cases):
             qmp.execute("migrate-set-parameters", {"tls-authz": f"auth{i}"})
-            _tls_connect_and_close(creds, port)
-            seen, allowed = _authz_verdicts(log, i + 1)[i]
+            deadline = time.monotonic() + 15
+            sock, _conn = _tls_handshake(creds, port, deadline)
+            try:
+                # QEMU checks authz when its side of the handshake is done.
+                seen, allowed = _authz_verdicts(log, i + 1, deadline)[i]
+            finally:
+                sock.close()
             assert seen == identity, name
             assert ours.is_allowed(seen) is allowed, name  # type: ignore[attr-defined]
         text = log.read_text(errors="replace")
     assert f"TLS x509 authz check for {identity} is denied" in text
-    verdicts = [v for _, v in _authz_verdicts(log, len(cases))]
+    verdicts = [v for _, v in _authz_verdicts(log, len(cases), time.monotonic())]
     assert verdicts == [False, False, False, True]

@@ -235,6 +235,7 @@ class SocketChannel(Channel):
         self._drained = True
         # fd passing: (stream position of the byte that carried it, fd)
         self._fd_tags: deque[tuple[int, int]] = deque()
+        self._fds_incoming: list[int] = []
         self._recv_pos = 0
         self._read_pos = 0
         # lifecycle
@@ -483,6 +484,13 @@ class SocketChannel(Channel):
         self._chunks.append(data)
         self._buffered += len(data)
         self._recv_pos += len(data)
+        if self._fds_incoming:
+            # The kernel ends a recvmsg right after the segment that carried
+            # fds, so they belong to the last byte of this chunk: they go to
+            # the read that returns that byte.
+            tag = self._recv_pos - 1
+            self._fd_tags.extend((tag, fd) for fd in self._fds_incoming)
+            self._fds_incoming.clear()
         if self._buffered > self._high_water and not self._read_paused and self._lost is None:
             self._read_paused = True
             self.transport.pauseProducing()
@@ -499,7 +507,8 @@ class SocketChannel(Channel):
             os.set_blocking(fd, True)
         except OSError:
             pass  # still a valid fd; the flags are a courtesy
-        self._fd_tags.append((self._recv_pos, fd))
+        # Twisted reports the fds of a recvmsg before its data; tag them then.
+        self._fds_incoming.append(fd)
 
     def _read_eof(self) -> None:
         self._eof = True
@@ -791,6 +800,9 @@ class SocketChannel(Channel):
         for _, fd in self._fd_tags:
             _close_fd(fd)
         self._fd_tags.clear()
+        for fd in self._fds_incoming:
+            _close_fd(fd)
+        self._fds_incoming.clear()
         if self._lsock is not None:
             self._close_listening()
             return None

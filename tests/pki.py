@@ -2,7 +2,7 @@
 
 Use the session fixture from any test module::
 
-    from tests.pki import TestPKI, pki  # noqa: F401  (pki is a fixture)
+    from tests.pki import TestPKI, pki_fixture  # noqa: F401  (provides the fixture "pki")
 
     def test_something(pki: TestPKI) -> None:
         creds = TLSCreds.load_sync(pki.server_dir, endpoint="server")
@@ -56,7 +56,7 @@ __all__ = [
     "bare_qemu",
     "get_test_pki",
     "gnutls_get_dn",
-    "pki",
+    "pki_fixture",
 ]
 
 CLIENT_DN = "C=UK,O=qiotwisted,CN=qemu-client"
@@ -241,9 +241,12 @@ def get_test_pki(root: Path) -> TestPKI:
         return t
 
 
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
-    """The session's :class:`TestPKI` (sync; generated once)."""
+@pytest.fixture(scope="session", name="pki")
+def pki_fixture(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    """The session's :class:`TestPKI` as the fixture ``pki`` (sync; generated once).
+
+    Import ``pki_fixture`` into a test module (or a conftest) to use it.
+    """
     return get_test_pki(tmp_path_factory.mktemp("pki"))
 
 

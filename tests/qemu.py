@@ -366,10 +366,14 @@ def qemu_source(
     uuid: str | None = None,
     tls_dir: Path | None = None,
     seed: int | None = None,
+    fill: str = "random",
     name: str = "src",
     qmp_timeout: float = 10.0,
 ) -> Iterator[QemuVM]:
     """A paused (``-S``) source whose RAM file in ``/dev/shm`` is random; stopped on exit.
+
+    ``fill="zero"`` leaves the RAM zero instead (every page then travels as a
+    zero-page record on the main channel, even with multifd).
 
     The RAM file has a unique name per call and is removed on exit.  *tls_dir*
     adds ``tls-creds-x509,id=tls0,endpoint=client`` (set ``tls_creds="tls0"``
@@ -379,7 +383,13 @@ def qemu_source(
     ram_path = Path("/dev/shm") / f"qiot-{os.getpid()}-{uuidlib.uuid4().hex}-ram.bin"
     vm: QemuVM | None = None
     try:
-        fill_random(ram_path, ram_mib << 20, seed=seed)
+        if fill == "random":
+            fill_random(ram_path, ram_mib << 20, seed=seed)
+        elif fill == "zero":
+            with open(ram_path, "wb") as f:
+                f.truncate(ram_mib << 20)
+        else:
+            raise ValueError(f"fill must be 'random' or 'zero', not {fill!r}")
         args = [
             "-machine", "pc,memory-backend=pc.ram", "-accel", "tcg", "-m", str(ram_mib),
             "-object",

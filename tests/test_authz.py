@@ -45,7 +45,12 @@ from qiotwisted.crypto import (
 )
 from qiotwisted.crypto import pki as P
 from qiotwisted.crypto._dn import _split_unescaped
-from tests.pki import TestPKI, bare_qemu, gnutls_get_dn, pki  # noqa: F401
+from tests.pki import (
+    TestPKI,
+    bare_qemu,
+    gnutls_get_dn,
+    pki_fixture,  # noqa: F401  (the session fixture "pki")
+)
 
 # ---- g_pattern_match_simple ---------------------------------------------------------
 
@@ -577,7 +582,7 @@ def test_qemu_authz_sees_dn_string_and_agrees_with_our_rules(pki: TestPKI, tmp_p
         "-object", f"tls-creds-x509,id=tls0,endpoint=server,dir={pki.server_dir},verify-peer=on",
         "-trace", "qauthz_is_allowed", "-incoming", "defer",
     ) as (qmp, log):  # fmt: skip
-        for i, (name, props, _ours) in enumerate(cases):
+        for i, (_name, props, _ours) in enumerate(cases):
             qmp.execute("object-add", {"id": f"auth{i}", **props})
         qmp.execute("migrate-set-parameters", {"tls-creds": "tls0"})
         qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})

@@ -92,6 +92,7 @@ def twistd_qio(
     timeout: float = 30.0,
 ) -> Iterator[Twistd]:
     """Start ``twistd -n qio ARGS --listen ... --output ...`` and wait until it is ready."""
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     output = output or workdir / "recordings"
     log_path = workdir / f"twistd-{time.monotonic_ns()}.log"

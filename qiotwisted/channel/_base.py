@@ -91,6 +91,30 @@ WatchFunc: TypeAlias = Callable[["Channel", Condition, Any], bool]
 
 _READ_CONDITIONS = Condition.IN | Condition.HUP | Condition.ERR
 _WRITE_CONDITIONS = Condition.OUT | Condition.HUP | Condition.ERR
+# Hot paths do their bit arithmetic on plain ints: every ``|``/``&`` between
+# IntFlag members builds a new enum value (about a microsecond each), and a
+# bulk reader crosses these paths once per chunk.  _CONDITIONS maps an int
+# back to its Condition without that cost.
+_READ_BITS: Final = int(_READ_CONDITIONS)
+_WRITE_BITS: Final = int(_WRITE_CONDITIONS)
+_CONDITIONS: Final = tuple(Condition(i) for i in range(32))
+
+
+class _Waiter:
+    """The one waiter a direction may have.
+
+    ``attempt is None``: a :meth:`Channel.wait` caller; fire ``d`` with the
+    conditions.  Otherwise a parked ``read``/``write``: call ``attempt()``
+    when the direction is ready and fire ``d`` with its result, staying
+    parked while it returns WOULD_BLOCK.
+    """
+
+    __slots__ = ("attempt", "d", "mask")
+
+    def __init__(self, d: Deferred[Any], attempt: Callable[[], Any] | None, mask: int) -> None:
+        self.d = d
+        self.attempt = attempt
+        self.mask = mask
 
 
 class Watch:
@@ -182,7 +206,9 @@ class Channel:
         self.features = Feature(0)
         self._watches: list[Watch] = []
         self._dispatch_call: Any = None
-        self._waiters: dict[str, Deferred[Condition] | None] = {"read": None, "write": None}
+        # One waiter per direction (QEMU's read_coroutine / write_coroutine).
+        # Subclasses may test ``self._waiters[direction] is not None``.
+        self._waiters: dict[str, _Waiter | None] = {"read": None, "write": None}
         self._closed = False
         self._close_outcome: _Outcome[None] | None = None
 
@@ -360,9 +386,40 @@ class Channel:
     ) -> Deferred[_T]:
         """Call *attempt* each time *condition* holds until it stops returning WOULD_BLOCK.
 
-        One waiter slot per direction is held meanwhile; cancelling the result
-        cancels the waiter, which frees the slot.
+        The direction's waiter slot is held meanwhile; cancelling the result
+        frees it.  Fast path: the attempt itself is parked in the slot, so a
+        ready channel costs one Deferred per wake-up.  A subclass that
+        overrides :meth:`wait` (to learn when someone waits) gets the generic
+        path, which goes through its ``wait``.
         """
+        if type(self).wait is not Channel.wait:
+            return self._when_ready_via_wait(condition, attempt)
+        if condition is Condition.IN:
+            direction, mask = "read", _READ_BITS
+        else:
+            direction, mask = "write", _WRITE_BITS
+        if self._closed:
+            return fail(ChannelClosedError())
+        if self._waiters[direction] is not None:
+            return fail(ChannelError(f"Another coroutine is already waiting to {direction}"))
+
+        def cancel(_: Deferred[_T]) -> None:
+            if self._waiters[direction] is waiter:
+                self._waiters[direction] = None
+
+        d: Deferred[_T] = Deferred(cancel)
+        waiter = _Waiter(d, attempt, mask)
+        self._waiters[direction] = waiter
+        ready = int(self._io_condition())
+        if ready & mask:
+            # Ready although the attempt just said WOULD_BLOCK: try once more
+            # now; if it still blocks, stay parked until the next change.
+            self._fire(direction, waiter, ready)
+        return d
+
+    def _when_ready_via_wait(
+        self, condition: Condition, attempt: Callable[[], _T | WouldBlock]
+    ) -> Deferred[_T]:
         waiting: Deferred[Condition] | None = None
 
         def cancel(_: Deferred[_T]) -> None:
@@ -523,7 +580,7 @@ class Channel:
         for direction, waiter in list(self._waiters.items()):
             self._waiters[direction] = None
             if waiter is not None:
-                waiter.errback(ChannelClosedError())
+                waiter.d.errback(ChannelClosedError())
         for watch in list(self._watches):
             watch.remove()
         if self._dispatch_call is not None and self._dispatch_call.active():
@@ -591,41 +648,62 @@ class Channel:
         QEMU asserts for ``qio_channel_yield``; cancelling the Deferred frees the slot.
         """
         if condition == Condition.IN:
-            direction, mask = "read", _READ_CONDITIONS
+            direction, mask = "read", _READ_BITS
         elif condition == Condition.OUT:
-            direction, mask = "write", _WRITE_CONDITIONS
+            direction, mask = "write", _WRITE_BITS
         else:
             return fail(ValueError("wait() takes Condition.IN or Condition.OUT"))
         if self._closed:
             return fail(ChannelClosedError())
-        ready = self._io_condition() & mask
+        ready = int(self._io_condition()) & mask
         if ready:
-            return succeed(ready)
+            return succeed(_CONDITIONS[ready])
         if self._waiters[direction] is not None:
             return fail(ChannelError(f"Another coroutine is already waiting to {direction}"))
 
-        def cancel(d: Deferred[Condition]) -> None:
-            if self._waiters.get(direction) is d:
+        def cancel(_: Deferred[Condition]) -> None:
+            if self._waiters[direction] is waiter:
                 self._waiters[direction] = None
 
-        waiter: Deferred[Condition] = Deferred(cancel)
+        d: Deferred[Condition] = Deferred(cancel)
+        waiter = _Waiter(d, None, mask)
         self._waiters[direction] = waiter
-        return waiter
+        return d
 
     def _ready_changed(self) -> None:
         """Subclasses call this when readiness may have changed (data, room, EOF, error)."""
         waiters = self._waiters
-        if waiters["read"] is not None or waiters["write"] is not None:
-            ready = self._io_condition()
-            for direction, mask in (("read", _READ_CONDITIONS), ("write", _WRITE_CONDITIONS)):
-                waiter = waiters[direction]
-                if waiter is not None and ready & mask:
-                    waiters[direction] = None
-                    waiter.callback(ready & mask)
-                    # The callback may have consumed data or room; look again.
-                    ready = self._io_condition() if not self._closed else Condition(0)
+        reader = waiters["read"]
+        if reader is not None or waiters["write"] is not None:
+            ready = int(self._io_condition())
+            if reader is not None and ready & _READ_BITS:
+                self._fire("read", reader, ready)
+                # The reader may have consumed data or closed the channel; look again.
+                if self._closed:
+                    return
+                ready = int(self._io_condition())
+            writer = waiters["write"]
+            if writer is not None and ready & _WRITE_BITS:
+                self._fire("write", writer, ready)
         if self._watches:
             self._schedule_dispatch()
+
+    def _fire(self, direction: str, waiter: _Waiter, ready: int) -> None:
+        """Wake *waiter* (which holds *direction*'s slot) now that *ready* holds."""
+        attempt = waiter.attempt
+        if attempt is None:
+            self._waiters[direction] = None
+            waiter.d.callback(_CONDITIONS[ready & waiter.mask])
+            return
+        try:
+            got = attempt()
+        except Exception:
+            self._waiters[direction] = None
+            waiter.d.errback()
+            return
+        if got is not WOULD_BLOCK:
+            self._waiters[direction] = None
+            waiter.d.callback(got)
 
     def _schedule_dispatch(self) -> None:
         if self._dispatch_call is None and not self._closed:

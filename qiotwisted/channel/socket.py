@@ -72,7 +72,16 @@ from .._address import (
     parse_address,
 )
 from ..errors import ChannelClosedError, ChannelError
-from ._base import WOULD_BLOCK, Buffer, Channel, Condition, Feature, Shutdown, WouldBlock
+from ._base import (
+    _CONDITIONS,
+    WOULD_BLOCK,
+    Buffer,
+    Channel,
+    Condition,
+    Feature,
+    Shutdown,
+    WouldBlock,
+)
 
 if TYPE_CHECKING:
     from ..task import Task
@@ -92,6 +101,9 @@ DEFAULT_LOW_WATER = 1024 * 1024
 #: cut the per-chunk Python work of a bulk stream (see benchmarks/bench_bulk.py).
 #: Twisted also uses this figure as the write buffer's pause threshold.
 DEFAULT_RECV_SIZE = 256 * 1024
+_IN, _OUT, _ERR, _HUP = (
+    int(c) for c in (Condition.IN, Condition.OUT, Condition.ERR, Condition.HUP)
+)
 #: QEMU's SOCKET_MAX_FDS.
 MAX_FDS = 16
 #: A write copies at most this much of mutable buffers (bytes objects are kept,
@@ -553,20 +565,18 @@ class SocketChannel(Channel):
         return self._write_paused
 
     def _io_condition(self) -> Condition:
+        # Plain int arithmetic: this runs several times per received chunk.
         if self._lsock is not None:
-            return Condition.IN if self._pending or self._accept_error else Condition(0)
+            return _CONDITIONS[_IN if self._pending or self._accept_error else 0]
         if self._bare is not None:
-            return Condition.HUP
-        cond = Condition(0)
-        if self._buffered or self._eof:
-            cond |= Condition.IN
-        if self._lost is not None:
-            cond |= Condition.HUP
-            if not self._lost.check(ConnectionDone):
-                cond |= Condition.ERR
+            return _CONDITIONS[_HUP]
+        bits = _IN if self._buffered or self._eof else 0
+        lost = self._lost
+        if lost is not None:
+            bits |= _HUP if lost.check(ConnectionDone) else _HUP | _ERR
         elif self.transport is not None and not self._write_paused and not self._write_shut:
-            cond |= Condition.OUT
-        return cond
+            bits |= _OUT
+        return _CONDITIONS[bits]
 
     def _io_read(self, nbytes: int, *, peek: bool = False) -> bytes | WouldBlock:
         if not self._buffered:

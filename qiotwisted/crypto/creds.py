@@ -702,8 +702,8 @@ class TLSCreds:
           certificate is required (``VERIFY_PEER | VERIFY_FAIL_IF_NO_PEER_CERT``)
           and the CA names are sent in the certificate request; the CRLs of
           ``ca-crl.pem`` are checked for the client's certificate.
-          ``dh-params.pem``, if present, enables DHE suites (without it only
-          ECDHE, where QEMU would generate DH parameters).
+          ``dh-params.pem``, if present, gives the DHE parameters; without it
+          OpenSSL (3 and later) picks its own, as QEMU generates some.
         * client: our key pair if we have one; with ``verify_peer`` the
           server's chain must lead to one of our CAs.
         * Session tickets off (``OP_NO_TICKET``; TLS 1.3 servers still send

@@ -484,8 +484,13 @@ class _Walker:
         return WireError(message, self._base + pos)
 
     def _truncation_error(self) -> WireError:
-        at = self._item if self._pos > self._fed else self._pos
-        return WireError(f"stream ends at byte {self._fed}: expected {self._expected()}", at)
+        return WireError(
+            f"stream ends at byte {self._fed}: expected {self._expected()}", self._break_offset()
+        )
+
+    def _break_offset(self) -> int:
+        """Start of the item the stream ended in."""
+        return self._item if self._pos > self._fed else self._pos
 
     # subclass hooks
     def _is_complete(self) -> bool:
@@ -608,6 +613,8 @@ class MainStreamWalker(_Walker):
         self._section_id = 0  # section being walked
         self._section_name = ""
         self._section_payload = 0  # absolute offset where its payload starts
+        self._section_at = 0  # absolute offset of its header
+        self._command_at = 0
         self._full_device: DeviceSection | None = None
         self._config_allowed = False
         self._caps_left = 0
@@ -655,6 +662,16 @@ class MainStreamWalker(_Walker):
             "commands": dict(self.commands),
             "vmdesc_bytes": self.vmdesc_size,
         }
+
+    def _break_offset(self) -> int:
+        st = self._state
+        if st is _M.SCAN:
+            return self._section_at
+        if st is _M.VMDESC or st is _M.VMDESC_LEN:
+            return self._vmdesc_at
+        if st is _M.COMMAND:
+            return self._command_at
+        return super()._break_offset()
 
     def _expected(self) -> str:
         st = self._state
@@ -763,6 +780,7 @@ class MainStreamWalker(_Walker):
             sec.parts += 1
             self._section_id = sid
             self._section_name = sec.idstr
+            self._section_at = self._base + pos
             self._section_payload = self._base + pos + 5
             if sid == self.ram_section_id:
                 self.ram_sections += 1
@@ -788,6 +806,7 @@ class MainStreamWalker(_Walker):
                 )
             self.commands[name] = self.commands.get(name, 0) + 1
             self._command_left = length
+            self._command_at = self._base + pos
             self._goto(_M.COMMAND if length else _M.TOP)
             return pos + 5
         if t == SectionType.VMDESCRIPTION:
@@ -814,6 +833,7 @@ class MainStreamWalker(_Walker):
             raise self._err(f"section id {sid} reused: '{idstr}' after '{old.idstr}'", pos)
         self._section_id = sid
         self._section_name = idstr
+        self._section_at = self._base + pos
         self._section_payload = self._base + pos + hdr
         stype = SectionType(t)
         if idstr == "ram":
@@ -1283,6 +1303,13 @@ class MultifdStreamWalker(_Walker):
     def ok(self) -> bool:
         """Well-formed and, once EOF was fed, ended between two packets."""
         return self.error is None and (not self._eof or self._is_complete())
+
+    @property
+    def reason(self) -> str | None:
+        """Why the channel is not (yet) well-formed and ended, or ``None``."""
+        if self.error is None and not self._eof:
+            return f"stream still open after {self._fed} bytes: expected {self.expected}"
+        return super().reason
 
     def is_complete(self, ram_sections: int) -> bool:
         """Ended cleanly with one SYNC packet per ``ram`` section of the main stream."""

@@ -1,0 +1,267 @@
+"""Bulk receive over loopback TCP: ``SocketChannel.read`` vs a bare Twisted protocol.
+
+Each run starts a *receiver* process (pinned to one core) and a *sender*
+process (a stdlib blocking ``sendall`` loop, pinned to the other core).  The
+receiver is either
+
+* ``protocol``: a bare Twisted ``Protocol`` counting bytes in ``dataReceived``
+  (``reactor.listenTCP``, Twisted's default 64 KiB reads), the baseline; or
+* ``channel``: ``SocketChannel.listen`` + ``accept`` and a pull loop
+  ``while data := await ch.read(nbytes)`` (qiotwisted).
+
+The receiver times from connection to EOF and reports its own peak RSS
+(``ru_maxrss``), so memory use is measured per process and per stream size.
+Variants are interleaved round by round; the figures are medians.  A final
+pair of runs per variant streams ``--rss-size`` bytes (default 2 GiB) to show
+that peak RSS does not grow with the stream.
+
+    python benchmarks/bench_bulk.py                 # ~1 minute on 2 cores
+    python benchmarks/bench_bulk.py --size 256M --rounds 3 --rss-size 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+SEND_CHUNK = 1 << 20
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def pin(cpu: int | None) -> None:
+    if cpu is None or not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError:
+        pass  # fewer cores than asked for: run unpinned
+
+
+# ---- sender (stdlib, blocking) -------------------------------------------------------------
+
+
+def run_sender(port: int, size: int) -> None:
+    """Stream *size* bytes as cheaply as the kernel allows: ``sendfile`` from a memfd.
+
+    ``sendfile`` hands page references to TCP instead of copying, so the
+    sender needs less CPU than the receiver and the receiver is what is timed.
+    """
+    pattern = bytes(range(256)) * (SEND_CHUNK // 256)
+    fd = os.memfd_create("bench-bulk")
+    try:
+        for _ in range(16):
+            os.write(fd, pattern)
+        span = 16 * SEND_CHUNK
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            left = size
+            while left:
+                offset = (size - left) % span
+                sent = os.sendfile(s.fileno(), fd, offset, min(left, span - offset))
+                left -= sent
+            s.shutdown(socket.SHUT_WR)
+            s.recv(1)  # wait for the receiver to close, so it sees a clean EOF first
+    finally:
+        os.close(fd)
+
+
+# ---- receivers -------------------------------------------------------------------------------
+
+
+def report(total: int, t0: float, t1: float, c0: float, c1: float) -> None:
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"bytes": total, "seconds": t1 - t0, "cpu_seconds": c1 - c0, "rss_kib": rss_kib}
+    print(json.dumps(out), flush=True)
+
+
+def run_protocol_receiver() -> None:
+    from twisted.internet import protocol, reactor
+
+    class Counter(protocol.Protocol):
+        total = 0
+        t0 = c0 = 0.0
+
+        def connectionMade(self) -> None:
+            self.t0 = time.perf_counter()
+            self.c0 = time.process_time()
+
+        def dataReceived(self, data: bytes) -> None:
+            self.total += len(data)
+
+        def connectionLost(self, reason: Any = None) -> None:
+            report(self.total, self.t0, time.perf_counter(), self.c0, time.process_time())
+            reactor.stop()  # type: ignore[attr-defined]
+
+    class Once(protocol.Factory):
+        def buildProtocol(self, addr: Any) -> protocol.Protocol:
+            port.stopListening()
+            return Counter()
+
+    port = reactor.listenTCP(0, Once(), interface="127.0.0.1")  # type: ignore[attr-defined]
+    print(port.getHost().port, flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def run_channel_receiver(nbytes: int, recv_size: int | None) -> None:
+    from twisted.internet import defer, task
+
+    from qiotwisted.channel import SocketChannel
+
+    async def main(reactor: Any) -> None:
+        lis = SocketChannel.listen("127.0.0.1:0", recv_size=recv_size)
+        print(lis.get_local_address().port, flush=True)  # type: ignore[union-attr]
+        ch = await lis.accept()
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        await lis.close()
+        total = 0
+        read = ch.read
+        while data := await read(nbytes):
+            total += len(data)
+        t1 = time.perf_counter()
+        c1 = time.process_time()
+        await ch.close()
+        report(total, t0, t1, c0, c1)
+
+    task.react(lambda r: defer.ensureDeferred(main(r)))
+
+
+# ---- orchestration -------------------------------------------------------------------------------
+
+
+def one_run(variant: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    me = [sys.executable, os.path.abspath(__file__)]
+    rcmd = [*me, "--role", "receiver", "--variant", variant, "--nbytes", str(args.nbytes)]
+    if args.recv_size is not None:
+        rcmd += ["--recv-size", str(args.recv_size)]
+    rcmd += ["--cpu", str(args.receiver_cpu)]
+    recv = subprocess.Popen(rcmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert recv.stdout is not None
+        port = int(recv.stdout.readline())
+        scmd = [*me, "--role", "sender", "--port", str(port), "--size", str(size)]
+        scmd += ["--cpu", str(args.sender_cpu)]
+        sender = subprocess.Popen(scmd)
+        line = recv.stdout.readline()
+        sender.wait(timeout=120)
+        recv.wait(timeout=120)
+    finally:
+        for p in (recv,):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    result: dict[str, Any] = json.loads(line)
+    if result["bytes"] != size:
+        raise SystemExit(f"{variant}: received {result['bytes']} of {size} bytes")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--role", choices=["orchestrator", "sender", "receiver"], default="orchestrator"
+    )
+    ap.add_argument("--variant", choices=["protocol", "channel"], default="channel")
+    ap.add_argument("--size", default="512M", help="bytes per timed run (default 512M)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--rss-size", default="2G", help="stream size of the RSS check (0: skip)")
+    ap.add_argument("--nbytes", type=int, default=1 << 20, help="channel read size (1 MiB)")
+    ap.add_argument(
+        "--recv-size",
+        type=int,
+        default=None,
+        help="SocketChannel recv_size (default: the library's default)",
+    )
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--cpu", type=int)
+    ap.add_argument("--receiver-cpu", type=int, default=0)
+    ap.add_argument("--sender-cpu", type=int, default=1)
+    args = ap.parse_args()
+    size = parse_size(args.size)
+
+    if args.role == "sender":
+        pin(args.cpu)
+        run_sender(args.port, size)
+        return
+    if args.role == "receiver":
+        pin(args.cpu)
+        if args.variant == "protocol":
+            run_protocol_receiver()
+        else:
+            from qiotwisted.channel.socket import DEFAULT_RECV_SIZE
+
+            rs = args.recv_size if args.recv_size is not None else DEFAULT_RECV_SIZE
+            run_channel_receiver(args.nbytes, rs if rs > 0 else None)
+        return
+
+    variants = ["protocol", "channel"]
+    labels = {
+        "protocol": "Twisted Protocol (baseline)",
+        "channel": "SocketChannel.read (qiotwisted)",
+    }
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    rss: dict[str, list[int]] = {v: [] for v in variants}
+    round_ratios: list[float] = []
+    print(
+        f"bulk receive over loopback TCP: {args.rounds} interleaved rounds of "
+        f"{size / (1 << 20):.0f} MiB; channel reads of {args.nbytes} bytes; "
+        f"receiver on CPU {args.receiver_cpu}, sender on CPU {args.sender_cpu}"
+    )
+    for r in range(args.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]
+        this: dict[str, float] = {}
+        for v in order:
+            res = one_run(v, size, args)
+            gbps = res["bytes"] / res["seconds"] / 1e9
+            cpu_gbps = res["bytes"] / max(res["cpu_seconds"], 1e-9) / 1e9
+            wall[v].append(gbps)
+            cpu[v].append(cpu_gbps)
+            rss[v].append(res["rss_kib"])
+            this[v] = gbps
+            print(
+                f"  round {r + 1} {v:8s} {gbps:6.2f} GB/s wall  {cpu_gbps:6.2f} GB/cpu-s"
+                f"  peak RSS {res['rss_kib'] / 1024:5.1f} MiB"
+            )
+        round_ratios.append(this["channel"] / this["protocol"])
+    mw = {v: statistics.median(wall[v]) for v in variants}
+    mc = {v: statistics.median(cpu[v]) for v in variants}
+    print()
+    print(f"{'receiver (medians)':<34}{'GB/s wall':>10}{'GB/cpu-s':>10}{'peak RSS MiB':>14}")
+    for v in variants:
+        print(f"{labels[v]:<34}{mw[v]:>10.2f}{mc[v]:>10.2f}{max(rss[v]) / 1024:>14.1f}")
+    print(
+        f"ratio channel / protocol: wall {mw['channel'] / mw['protocol']:.2f}x, "
+        f"per receiver CPU second {mc['channel'] / mc['protocol']:.2f}x, "
+        f"median of per-round wall ratios {statistics.median(round_ratios):.2f}x  (goal >= 1.0x)"
+    )
+
+    rss_size = parse_size(args.rss_size)
+    if rss_size:
+        print()
+        print("peak receiver RSS by stream size (goal <= 60 MiB whatever the size):")
+        for v in variants:
+            small = one_run(v, size, args)["rss_kib"] / 1024
+            big = one_run(v, rss_size, args)["rss_kib"] / 1024
+            print(
+                f"  {labels[v]:<34} {size / (1 << 20):5.0f} MiB stream: {small:5.1f} MiB"
+                f"   {rss_size / (1 << 20):5.0f} MiB stream: {big:5.1f} MiB"
+            )
+
+
+if __name__ == "__main__":
+    main()

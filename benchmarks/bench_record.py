@@ -1,4 +1,4 @@
-"""Recording a real QEMU migration: `twistd qio record` vs a stdlib socket sink vs a QEMU destination.
+"""Recording a real QEMU migration: `twistd qio record` vs a stdlib sink vs a QEMU destination.
 
 One run, variants interleaved round by round, a fresh random-RAM source per
 migration.  Two figures per migration:
@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.qemu import QemuVM, qemu_destination, qemu_source, stdlib_sink  # noqa: E402
-from tests.twistd_proc import Twistd, twistd_qio  # noqa: E402
+from tests.qemu import QemuVM, qemu_destination, qemu_source, stdlib_sink
+from tests.twistd_proc import Twistd, twistd_qio
 
 
 def _migrate(src: QemuVM, uri: str, receiver_done: Callable[[], None]) -> tuple[float, float]:

@@ -56,27 +56,15 @@ def pin(cpu: int | None) -> None:
 
 
 def run_sender(port: int, size: int) -> None:
-    """Stream *size* bytes as cheaply as the kernel allows: ``sendfile`` from a memfd.
-
-    ``sendfile`` hands page references to TCP instead of copying, so the
-    sender needs less CPU than the receiver and the receiver is what is timed.
-    """
-    pattern = bytes(range(256)) * (SEND_CHUNK // 256)
-    fd = os.memfd_create("bench-bulk")
-    try:
-        for _ in range(16):
-            os.write(fd, pattern)
-        span = 16 * SEND_CHUNK
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            left = size
-            while left:
-                offset = (size - left) % span
-                sent = os.sendfile(s.fileno(), fd, offset, min(left, span - offset))
-                left -= sent
-            s.shutdown(socket.SHUT_WR)
-            s.recv(1)  # wait for the receiver to close, so it sees a clean EOF first
-    finally:
-        os.close(fd)
+    payload = memoryview(bytes(range(256)) * (SEND_CHUNK // 256))
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        left = size
+        while left:
+            n = min(left, SEND_CHUNK)
+            s.sendall(payload[:n])
+            left -= n
+        s.shutdown(socket.SHUT_WR)
+        s.recv(1)  # wait for the receiver to close, so it sees a clean EOF first
 
 
 # ---- receivers -------------------------------------------------------------------------------
@@ -86,6 +74,22 @@ def report(total: int, t0: float, t1: float, c0: float, c1: float) -> None:
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"bytes": total, "seconds": t1 - t0, "cpu_seconds": c1 - c0, "rss_kib": rss_kib}
     print(json.dumps(out), flush=True)
+
+
+def run_raw_receiver() -> None:
+    """The floor: a blocking ``recv_into`` loop, no event loop at all."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        print(lsock.getsockname()[1], flush=True)
+        conn, _ = lsock.accept()
+        with conn:
+            t0, c0 = time.perf_counter(), time.process_time()
+            buf = bytearray(1 << 20)
+            total = 0
+            while n := conn.recv_into(buf):
+                total += n
+            report(total, t0, time.perf_counter(), c0, time.process_time())
 
 
 def run_protocol_receiver() -> None:
@@ -175,7 +179,7 @@ def main() -> None:
     ap.add_argument(
         "--role", choices=["orchestrator", "sender", "receiver"], default="orchestrator"
     )
-    ap.add_argument("--variant", choices=["protocol", "channel"], default="channel")
+    ap.add_argument("--variant", choices=["raw", "protocol", "channel"], default="channel")
     ap.add_argument("--size", default="512M", help="bytes per timed run (default 512M)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--rss-size", default="2G", help="stream size of the RSS check (0: skip)")
@@ -201,6 +205,8 @@ def main() -> None:
         pin(args.cpu)
         if args.variant == "protocol":
             run_protocol_receiver()
+        elif args.variant == "raw":
+            run_raw_receiver()
         else:
             from qiotwisted.channel.socket import DEFAULT_RECV_SIZE
 

@@ -32,7 +32,7 @@ from tests.qemu import QemuVM, qemu_destination, qemu_source, stdlib_sink
 from tests.twistd_proc import Twistd, twistd_qio
 
 
-def _migrate(src: QemuVM, uri: str, receiver_done: Callable[[], None]) -> tuple[float, float]:
+def _migrate(src: QemuVM, uri: str, receiver_done: Callable[[], object]) -> tuple[float, float]:
     src.set_capabilities()
     src.set_parameters()
     t0 = time.monotonic()

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["ChannelClosedError", "ChannelEOFError", "ChannelError", "QIOError", "TaskCancelledError"]
+__all__ = [
+    "ChannelClosedError",
+    "ChannelEOFError",
+    "ChannelError",
+    "QIOError",
+    "TaskCancelledError",
+]
 
 
 class QIOError(Exception):

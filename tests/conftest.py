@@ -40,7 +40,7 @@ def reactor_hygiene() -> Iterator[None]:
     yield
     # Let asynchronous loseConnection / connectionLost finish first.
     pytest_twisted.blockon(task.deferLater(r, 0.02))
-    internal = getattr(r, "_internalReaders", set())
+    internal: set[object] = getattr(r, "_internalReaders", set())
     calls = [c for c in r.getDelayedCalls() if c not in calls0 and c.active()]
     sel = (set(r.getReaders()) | set(r.getWriters())) - sel0 - internal
     for c in calls:

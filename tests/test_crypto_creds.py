@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 
 from qiotwisted.crypto import (
     PRIORITY_QEMU_RECEIVER,
@@ -223,15 +224,21 @@ def _sanity_cases(pki: TestPKI) -> dict[str, tuple[str, dict[str, Any], str | No
     good_server = {"server-cert.pem": pki.server_cert, "server-key.pem": pki.server_key}
     past, future = NOW - datetime.timedelta(days=1), NOW + datetime.timedelta(days=1)
     other_then_ours = P.cert_pem(pki.other_ca_cert, pki.ca_cert)
-    wrong_key_ca = P.build_certificate(
-        ca.subject,
-        (k := P.new_private_key()).public_key(),
-        issuer_name=ca.subject,
-        issuer_key=k,
-        not_before=NOW - datetime.timedelta(days=1),
-        not_after=NOW + datetime.timedelta(days=9),
-        extensions=P.ca_extensions(k.public_key()),
-    )
+
+    def impostor_ca(ski_from: Any) -> x509.Certificate:
+        """Our CA's name on another key; its key identifier from *ski_from*."""
+        k = P.new_private_key()
+        return P.build_certificate(
+            ca.subject,
+            k.public_key(),
+            issuer_name=ca.subject,
+            issuer_key=k,
+            not_before=NOW - datetime.timedelta(days=1),
+            not_after=NOW + datetime.timedelta(days=9),
+            extensions=P.ca_extensions(ski_from),
+        )
+
+    other_key = P.new_private_key().public_key()
     s, c, cafile = "{d}/server-cert.pem", "{d}/client-cert.pem", "{d}/ca-cert.pem"
     return {
         "server-is-a-ca": (
@@ -292,7 +299,12 @@ def _sanity_cases(pki: TestPKI) -> dict[str, tuple[str, dict[str, Any], str | No
             "The certificate hasn't got a known issuer",
         ),
         "ca-same-name-other-key": (
-            "server", {"ca-cert.pem": wrong_key_ca, **good_server},
+            "server", {"ca-cert.pem": impostor_ca(other_key), **good_server},
+            f"Our own certificate {s} failed validation against {cafile}: "
+            "The certificate hasn't got a known issuer",
+        ),
+        "ca-same-name-same-key-id-other-key": (
+            "server", {"ca-cert.pem": impostor_ca(pki.ca_key.public_key()), **good_server},
             f"Our own certificate {s} failed validation against {cafile}: "
             "The certificate is not trusted",
         ),
@@ -809,7 +821,12 @@ async def test_load_task_failure_arrives_in_the_reactor(tmp_path: Path) -> None:
     reactor_thread = threading.get_ident()
     where: list[int] = []
     task = TLSCreds.load(None, "server")
-    task.deferred.addErrback(lambda f: where.append(threading.get_ident()) or f)
+
+    def note_thread(failure: Failure) -> Failure:
+        where.append(threading.get_ident())
+        return failure
+
+    task.deferred.addErrback(note_thread)
     with pytest.raises(TLSCredsError, match="Missing 'dir' property value"):
         await task
     assert where == [reactor_thread]

@@ -418,14 +418,25 @@ def test_no_configuration_section() -> None:
 def test_configuration_subsections() -> None:
     subs = (
         config_subsection("configuration/target-page-bits", be32(12))
-        + config_subsection("configuration/capabilities", be32(1) + b"\x0fx-ignore-shared")
+        + config_subsection("configuration/capabilities", be32(2) + b"\x03x-a\x04x-bc")
         + config_subsection("configuration/uuid", UUID.bytes)
     )
     w = walk(build_stream(config=configuration(subsections=subs)).data)
     assert w.complete
     assert w.target_page_bits == 12
-    assert w.capabilities == ["x-ignore-shared"]
+    assert w.capabilities == ["x-a", "x-bc"]
     assert w.source_uuid == UUID
+
+
+def test_x_ignore_shared_block_entries_carry_an_address() -> None:
+    caps = config_subsection("configuration/capabilities", be32(1) + b"\x0fx-ignore-shared")
+    data = header() + configuration(subsections=caps) + RAM_HDR
+    data += be64(2 * PAGE | RamFlag.MEM_SIZE) + b"\x01a" + be64(PAGE) + be64(0xC0000)
+    data += b"\x01b" + be64(PAGE) + be64(0) + eos() + footer(2)
+    data += section_header(SectionType.END, 2) + page(0, "b") + eos() + footer(2)
+    w = walk(data + vmdesc([]))
+    assert w.complete, w.reason
+    assert w.ram_blocks == [RamBlock("a", PAGE), RamBlock("b", PAGE)]
 
 
 def test_without_vmdesc_when_not_expected() -> None:
@@ -609,8 +620,8 @@ def test_error_bad_xbzrle_header() -> None:
 
 def test_error_bad_compressed_length() -> None:
     data = _ram_prefix() + be64(RamFlag.COMPRESS_PAGE) + b"\x06pc.ram"
-    e = error_of(data + be32(0))
-    assert e.offset == len(data) and "Invalid compressed data length: 0" in e.message
+    e = error_of(data + be32(4111))
+    assert e.offset == len(data) and "Invalid compressed data length: 4111" in e.message
 
 
 def test_error_missing_footer() -> None:

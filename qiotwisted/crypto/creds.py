@@ -366,8 +366,24 @@ def _check_pair(
     ca_path: Path,
     is_server: bool,
 ) -> None:
-    """``gnutls_x509_crt_list_verify(cert, CAs)`` as QEMU reports it."""
-    issuers = [ca for ca in cas if ca.subject == cert.issuer]
+    """``gnutls_x509_crt_list_verify(cert, CAs)`` as QEMU reports it.
+
+    Like GnuTLS, a CA is a candidate issuer when its subject is the
+    certificate's issuer and, if both carry key identifiers, the certificate's
+    authorityKeyIdentifier is the CA's subjectKeyIdentifier.  No candidate:
+    "hasn't got a known issuer"; candidates whose signature does not verify:
+    "is not trusted".
+    """
+    aki = _extension(cert, x509.AuthorityKeyIdentifier, path, "authority key identifier")
+    aki_id = aki.value.key_identifier if aki is not None else None
+
+    def may_have_issued(ca: x509.Certificate) -> bool:
+        if ca.subject != cert.issuer:
+            return False
+        ski = _extension(ca, x509.SubjectKeyIdentifier, ca_path, "subject key identifier")
+        return aki_id is None or ski is None or ski.value.digest == aki_id
+
+    issuers = [ca for ca in cas if may_have_issued(ca)]
     reason = None
     if not issuers:
         reason = "The certificate hasn't got a known issuer"

@@ -56,6 +56,7 @@ class Recorder:
         self.sessions_done: list[tuple[Path, str]] = []
         self._active: set[Deferred[None]] = set()
         self._channels: set[Channel] = set()
+        self._filed_waiters: list[Deferred[tuple[Path, str]]] = []
 
     @property
     def reactor(self) -> Any:
@@ -68,6 +69,12 @@ class Recorder:
     @property
     def open_sessions(self) -> list[Session]:
         return list(self._open)
+
+    def next_session(self) -> Deferred[tuple[Path, str]]:
+        """Fires with ``(path, status)`` when the next session is filed (reactor thread)."""
+        d: Deferred[tuple[Path, str]] = Deferred(self._filed_waiters.remove)
+        self._filed_waiters.append(d)
+        return d
 
     def client_func(self, listener: object, channel: Channel, data: object = None) -> None:
         """NetListener client func: take ownership of *channel* and record it."""
@@ -181,6 +188,9 @@ class Recorder:
         self._open.remove(session)
         path = await session.close()
         self.sessions_done.append((path, session.status))
+        waiters, self._filed_waiters = self._filed_waiters, []
+        for d in waiters:
+            d.callback((path, session.status))
         self.log.info(
             "session {name}: {status}{reason} ({bytes} bytes) -> {path}",
             name=session.name,

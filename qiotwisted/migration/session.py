@@ -220,7 +220,15 @@ class ChannelSink:
             while view:
                 n = self._file.write(view)
                 view = view[n:]
-            self.walker.feed(chunk)
+            self._walk(chunk)
+
+    def _walk(self, data: bytes) -> None:
+        # A malformed stream is still recorded byte for byte: the walker keeps
+        # its first error (the session's verdict reports it) and ignores the rest.
+        try:
+            self.walker.feed(data)
+        except wire.WireError:
+            pass
 
     def _hash_in_thread(self, start: int, stop: int) -> int:
         buf = bytearray(min(stop - start, 4 << 20))
@@ -237,7 +245,7 @@ class ChannelSink:
 
     def _close_in_thread(self, eof: bool) -> None:
         if eof:
-            self.walker.feed(b"")
+            self._walk(b"")
         self._open_in_thread()
         self._file.close()
         self._reader.close()

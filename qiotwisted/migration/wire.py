@@ -374,8 +374,8 @@ class _Walker:
         first malformed item; the error is also kept in :attr:`error` and
         later calls do nothing (so a recorder may keep storing what it
         receives).  A stream that ends early is not an error here: see
-        :attr:`problem`.  ``bytes`` input is never copied beyond a few hundred
-        bytes per call.
+        :attr:`problem`.  ``bytes`` input is not copied, apart from a few
+        KiB to complete an item split across two calls; page data is skipped.
         """
         if self.error is not None:
             return
@@ -623,6 +623,7 @@ class MainStreamWalker(_Walker):
         self._vmdesc_at = 0
         self._vmdesc_buf = bytearray()
         self._scan_pat = b""
+        self._handlers = self._handler_table()
         self._state = _M.HEADER
         self._goto(_M.HEADER)
 
@@ -701,28 +702,23 @@ class MainStreamWalker(_Walker):
         self._state = state
         self._handler = self._handlers[state]
 
-    @property
-    def _handlers(self) -> dict[_M, _Handler]:
-        h = self.__dict__.get("_handler_table")
-        if h is None:
-            h = {
-                _M.HEADER: self._h_header,
-                _M.TOP: self._h_top,
-                _M.CONFIG: self._h_config,
-                _M.CONFIG_SUB: self._h_config_sub,
-                _M.CONFIG_CAPS: self._h_config_caps,
-                _M.RAM: self._h_ram,
-                _M.RAM_BLOCKS: self._h_ram_blocks,
-                _M.FOOTER: self._h_footer,
-                _M.SCAN: self._h_scan,
-                _M.COMMAND: self._h_command,
-                _M.AFTER_EOF: self._h_after_eof,
-                _M.VMDESC_LEN: self._h_vmdesc_len,
-                _M.VMDESC: self._h_vmdesc,
-                _M.DONE: self._h_done,
-            }
-            self.__dict__["_handler_table"] = h
-        return h
+    def _handler_table(self) -> dict[_M, _Handler]:
+        return {
+            _M.HEADER: self._h_header,
+            _M.TOP: self._h_top,
+            _M.CONFIG: self._h_config,
+            _M.CONFIG_SUB: self._h_config_sub,
+            _M.CONFIG_CAPS: self._h_config_caps,
+            _M.RAM: self._h_ram,
+            _M.RAM_BLOCKS: self._h_ram_blocks,
+            _M.FOOTER: self._h_footer,
+            _M.SCAN: self._h_scan,
+            _M.COMMAND: self._h_command,
+            _M.AFTER_EOF: self._h_after_eof,
+            _M.VMDESC_LEN: self._h_vmdesc_len,
+            _M.VMDESC: self._h_vmdesc,
+            _M.DONE: self._h_done,
+        }
 
     def _end_of_stream(self) -> None:
         # A device section's footer is only accepted once the next item looks
@@ -1000,7 +996,9 @@ class MainStreamWalker(_Walker):
                 if end - q < 4:
                     return None
                 (clen,) = _be32(buf, q)
-                if clen == 0 or clen > 2 * self.page_size + 64:
+                # QEMU's bound: zlib's compressBound(TARGET_PAGE_SIZE).
+                page = self.page_size
+                if clen > page + (page >> 12) + (page >> 14) + (page >> 25) + 13:
                     raise self._err(f"Invalid compressed data length: {clen}", q)
                 self.compressed_pages += 1
                 return q + 4 + clen
@@ -1025,7 +1023,10 @@ class MainStreamWalker(_Walker):
 
     def _h_ram_blocks(self, buf: bytes, pos: int, end: int) -> int | None:
         n = buf[pos]
-        if end - pos < 1 + n + 8:
+        # With x-ignore-shared (announced in the configuration) each entry
+        # also carries the block's guest address.
+        extra = 8 if "x-ignore-shared" in self.capabilities else 0
+        if end - pos < 1 + n + 8 + extra:
             return None
         raw = buf[pos + 1 : pos + 1 + n]
         if not _printable(raw):
@@ -1045,7 +1046,7 @@ class MainStreamWalker(_Walker):
         self._block_left -= size
         if self._block_left == 0:
             self._goto(_M.RAM)
-        return pos + 1 + n + 8
+        return pos + 1 + n + 8 + extra
 
     def _h_footer(self, buf: bytes, pos: int, end: int) -> int | None:
         if self.section_footers is None:

@@ -13,6 +13,13 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 
+_COMMANDS = {
+    "pki": "generate a CA, server and client credentials in QEMU's layout",
+    "send": "replay a recorded session into a QEMU destination",
+    "inspect": "look inside a recording without loading it into QEMU",
+}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qio",
@@ -37,6 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .crypto.pki import main as pki_main
 
         return pki_main(rest)
+    if command == "send":
+        from .migration.replay import main as send_main
+
+        return send_main(rest)
+    if command == "inspect":
+        from .migration.inspect import main as inspect_main
+
+        return inspect_main(rest)
     parser.parse_args(args)  # reports the unknown command and exits 2
     return 2
 

@@ -352,12 +352,7 @@ class Coroutine(Generic[_T]):
         terminated, is awaiting a Deferred (the Deferred resumes it), or is
         already queued to run.
         """
-        if (
-            self._caller is not None
-            or self._done
-            or self._scheduled
-            or self._waiting is not None
-        ):
+        if self._caller is not None or self._done or self._scheduled or self._waiting is not None:
             self._check_enterable()
         self._run(value, None, explicit=True)
 
@@ -646,7 +641,11 @@ class CoMutex:
 
     def assert_locked(self) -> None:
         """``qemu_co_mutex_assert_locked``: the current coroutine holds it."""
-        if not self._lock.locked or self._holder is None or self._holder is not _thread_state().current:
+        if (
+            not self._lock.locked
+            or self._holder is None
+            or self._holder is not _thread_state().current
+        ):
             raise CoroutineError("CoMutex is not held by the current coroutine")
 
     async def __aenter__(self) -> CoMutex:

@@ -674,15 +674,17 @@ class Channel:
         """Subclasses call this when readiness may have changed (data, room, EOF, error)."""
         waiters = self._waiters
         reader = waiters["read"]
-        if reader is not None or waiters["write"] is not None:
+        writer = waiters["write"]
+        if reader is not None or writer is not None:
             ready = int(self._io_condition())
             if reader is not None and ready & _READ_BITS:
                 self._fire("read", reader, ready)
-                # The reader may have consumed data or closed the channel; look again.
-                if self._closed:
-                    return
-                ready = int(self._io_condition())
-            writer = waiters["write"]
+                writer = waiters["write"]
+                if writer is None or self._closed:
+                    writer = None
+                else:
+                    # The reader may have consumed data or written; look again.
+                    ready = int(self._io_condition())
             if writer is not None and ready & _WRITE_BITS:
                 self._fire("write", writer, ready)
         if self._watches:

@@ -74,6 +74,7 @@ from .._address import (
 from ..errors import ChannelClosedError, ChannelError
 from ._base import (
     _CONDITIONS,
+    _READ_BITS,
     WOULD_BLOCK,
     Buffer,
     Channel,
@@ -81,6 +82,7 @@ from ._base import (
     Feature,
     Shutdown,
     WouldBlock,
+    _Waiter,
 )
 
 if TYPE_CHECKING:
@@ -101,6 +103,9 @@ DEFAULT_LOW_WATER = 1024 * 1024
 #: cut the per-chunk Python work of a bulk stream (see benchmarks/bench_bulk.py).
 #: Twisted also uses this figure as the write buffer's pause threshold.
 DEFAULT_RECV_SIZE = 256 * 1024
+#: A buffered chunk at least this big is returned alone rather than joined
+#: with the next ones to fill a larger read.
+_NO_JOIN = 16 * 1024
 _IN, _OUT, _ERR, _HUP = (
     int(c) for c in (Condition.IN, Condition.OUT, Condition.ERR, Condition.HUP)
 )
@@ -248,6 +253,8 @@ class SocketChannel(Channel):
         # fd passing: (stream position of the byte that carried it, fd)
         self._fd_tags: deque[tuple[int, int]] = deque()
         self._fds_incoming: list[int] = []
+        self._parked: tuple[object, int] = (None, 0)
+        self._parked_attempt = self._read_parked
         self._recv_pos = 0
         self._read_pos = 0
         # lifecycle
@@ -506,6 +513,20 @@ class SocketChannel(Channel):
         if self._buffered > self._high_water and not self._read_paused and self._lost is None:
             self._read_paused = True
             self.transport.pauseProducing()
+        waiters = self._waiters
+        reader = waiters["read"]
+        if (
+            reader is not None
+            and reader is self._parked[0]
+            and waiters["write"] is None
+            and not self._watches
+            and not self._fd_tags
+        ):
+            # Bulk fast path: the one parked plain read gets its bytes now,
+            # without the generic readiness round trip.
+            waiters["read"] = None
+            reader.d.callback(self._take(self._parked[1], False))
+            return
         self._ready_changed()
 
     def _fd_received(self, fd: int) -> None:
@@ -578,6 +599,45 @@ class SocketChannel(Channel):
             bits |= _OUT
         return _CONDITIONS[bits]
 
+    def read(self, nbytes: int, *, peek: bool = False) -> Deferred[bytes]:
+        """See :meth:`Channel.read`.  Specialised for the bulk case.
+
+        A plain read of a connected stream skips the generic layers: data
+        already buffered is returned at once, and a reader that must wait is
+        parked with a direct ``_take``.  Everything else (peek, fds, EOF,
+        errors, closed) goes the generic way, so the semantics are the same.
+        """
+        if not peek and nbytes > 0 and not self._closed and not self._fd_tags:
+            if self._buffered:
+                return succeed(self._take(nbytes, False))
+            if self._lost is None and not self._eof and self.transport is not None:
+                return self._park_read(nbytes)
+        return super().read(nbytes, peek=peek)
+
+    def _park_read(self, nbytes: int) -> Deferred[bytes]:
+        """Hold the read slot for a plain read of *nbytes* (nothing is buffered, no EOF)."""
+        waiters = self._waiters
+        if waiters["read"] is not None:
+            return fail(ChannelError("Another coroutine is already waiting to read"))
+        d: Deferred[bytes] = Deferred(self._cancel_parked)
+        waiter = _Waiter(d, self._parked_attempt, _READ_BITS)
+        waiters["read"] = waiter
+        # _data_received hands the parked read its chunk directly; the
+        # generic path (_ready_changed -> _fire) calls _parked_attempt.
+        self._parked = (waiter, nbytes)
+        return d
+
+    def _cancel_parked(self, d: Deferred[bytes]) -> None:
+        waiter = self._waiters["read"]
+        if waiter is not None and waiter.d is d:
+            self._waiters["read"] = None
+
+    def _read_parked(self) -> bytes | WouldBlock:
+        nbytes = self._parked[1]
+        if self._buffered and not self._fd_tags and not self._closed:
+            return self._take(nbytes, False)
+        return self.read_nowait(nbytes)
+
     def _io_read(self, nbytes: int, *, peek: bool = False) -> bytes | WouldBlock:
         if not self._buffered:
             return self._read_empty("read")
@@ -625,7 +685,10 @@ class SocketChannel(Channel):
                 data = first[:nbytes]
                 if not peek:
                     chunks[0] = first[nbytes:]
-        elif len(chunks) == 1:
+        elif len(chunks) == 1 or size >= _NO_JOIN:
+            # Less than asked for, which read() allows: handing out the chunk
+            # as it is beats copying several chunks into one (the caller's
+            # next read is an already-fired Deferred, far cheaper than a copy).
             data = first
             if not peek:
                 chunks.popleft()

@@ -23,24 +23,30 @@ certificates are checked when loaded, in QEMU's order and with its messages:
 the leaf (if there is one), then every CA certificate, then the leaf against
 the CAs.  For each certificate: validity dates; basicConstraints (always); the
 keyUsage (only when the extension is critical: a CA needs keyCertSign, a leaf
-digitalSignature); for a leaf the extKeyUsage (only when
-critical: serverAuth or anyExtendedKeyUsage for a server, clientAuth for a
-client).  ``qemu-interop.md`` trap 11 has the real QEMU's view of this.
+digitalSignature); for a leaf the extKeyUsage (only when critical: serverAuth
+or anyExtendedKeyUsage for a server, clientAuth for a client).  The tests hold
+every verdict and message against a real QEMU 7.2 (``qemu-interop.md`` trap 11).
 
 Loading reads files and parses keys, so :meth:`TLSCreds.load` runs it as a
 :class:`~qiotwisted.task.Task` in a worker thread; :meth:`TLSCreds.load_sync`
 is the blocking version for code already in a worker.
 
 The loaded object holds what a TLS channel needs: the ``cryptography``
-certificates and key, and a ready :class:`OpenSSL.SSL.Context` (:attr:`TLSCreds.context`).
-The *priority* string picks the protocol versions and ciphers; see
-:func:`parse_priority`.  **Trap** (``qemu-interop.md`` trap 1): a TLS 1.3
-server sends session tickets after the handshake, and a QEMU 7.2 migration
-source never reads them: its kernel then resets the connection at close and
-the end of the stream is lost.  pyOpenSSL 26 has no ``SSL_CTX_set_num_tickets``
-and ``OP_NO_TICKET`` does not stop TLS 1.3 tickets, so a server that *receives*
-from QEMU 7.2 must be capped at TLS 1.2: use ``priority="@QIO-TLS1.2"``
-(:data:`PRIORITY_QEMU_RECEIVER`).
+certificates and key, and a ready :class:`OpenSSL.SSL.Context`
+(:attr:`TLSCreds.context`).  The *priority* string picks the protocol versions
+and ciphers; see :func:`parse_priority`.
+
+**Trap** (``qemu-interop.md`` trap 1): a TLS 1.3 server sends session tickets
+after the handshake (158 bytes here, with ``OP_NO_TICKET`` and with or without
+a session cache), and a QEMU 7.2 migration source never reads them, so its
+kernel resets the connection at close and the tail of the stream is lost
+(measured: 1.3 to 3.5 MB of a 64 MiB stream, ``ECONNRESET``, while QEMU
+reports ``completed``).  pyOpenSSL 26 exposes no ``SSL_CTX_set_num_tickets``
+(neither does its cffi binding), so a server that *receives* from QEMU 7.2
+must be capped at TLS 1.2: ``priority="@QIO-TLS1.2"``
+(:data:`PRIORITY_QEMU_RECEIVER`), or QEMU's own spelling
+``"NORMAL:-VERS-TLS1.3"``.  It then writes nothing after the handshake, and
+the same migration arrives whole and ends with a FIN.
 """
 
 from __future__ import annotations

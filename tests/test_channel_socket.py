@@ -18,9 +18,11 @@ the conftest hygiene fixture fails a test that leaves anything behind.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import struct
+import termios
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -55,6 +57,7 @@ from qiotwisted.task import Task
 from tests.channel_helpers import ChannelTest
 
 SOCK_NAME = "test-io-channel-socket.sock"
+TCP_CLOSE = 7  # tcpi_state after a reset
 Setup = Callable[[Any, str], Awaitable[tuple[SocketChannel, SocketChannel, SocketChannel]]]
 
 
@@ -566,6 +569,73 @@ async def test_slow_reader_keeps_sender_paused(reactor: Any) -> None:
     await producer
     assert peak_unsent <= recv + chunk
     await close_all(src, dst, lis)
+
+
+# ---- read bursts (TCP) ------------------------------------------------------------------------
+
+
+async def kernel_queue(reactor: Any, ch: SocketChannel, nbytes: int, *, closed: bool) -> None:
+    """Wait until *ch*'s socket holds *nbytes* unread (and, if *closed*, the peer's RST)."""
+    sock = ch.transport.getHandle()
+    for _ in range(2000):
+        queued = struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        if queued == nbytes and (not closed or state == TCP_CLOSE):
+            return
+        await task.deferLater(reactor, 0.002)
+    raise AssertionError(f"kernel queue never reached {nbytes} bytes")
+
+
+async def paused_raw_pair(reactor: Any, recv_size: int) -> tuple[Any, ...]:
+    """A listener, a raw blocking client socket, and the accepted channel with reading paused."""
+    lis = SocketChannel.listen("127.0.0.1:0", recv_size=recv_size)
+    addr = lis.get_local_address()
+    assert isinstance(addr, InetSocketAddress)
+    raw = socket.create_connection((addr.host, addr.port))
+    dst = await lis.accept()
+    dst.transport.pauseProducing()  # before the reactor ever reads it
+    return lis, raw, dst
+
+
+async def test_full_recv_reads_a_burst_in_one_turn(reactor: Any) -> None:
+    lis, raw, dst = await paused_raw_pair(reactor, recv_size=4096)
+    calls: list[int] = []
+    real = dst._data_received
+
+    def counting(data: bytes) -> None:
+        calls.append(len(data))  # before: the reader resumes inside this call
+        real(data)
+
+    try:
+        dst._data_received = counting  # type: ignore[method-assign]
+        raw.sendall(b"b" * 65536)
+        await kernel_queue(reactor, dst, 65536, closed=False)
+        dst.transport.resumeProducing()
+        assert await dst.read_all(65536) == b"b" * 65536
+        assert calls == [4096], "Twisted's one 4 KiB recv was followed by a burst of the rest"
+        raw.close()
+        assert await dst.read(1) == b""
+    finally:
+        raw.close()
+        await close_all(dst, lis)
+
+
+async def test_reset_during_a_burst_keeps_the_error(reactor: Any) -> None:
+    """ECONNRESET met by a burst read is reported, not mistaken for a clean EOF."""
+    lis, raw, dst = await paused_raw_pair(reactor, recv_size=4096)
+    try:
+        raw.sendall(b"r" * 65536)  # 16 full chunks: the burst reads on into the RST
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()
+        await kernel_queue(reactor, dst, 65536, closed=True)
+        dst.transport.resumeProducing()
+        assert await dst.read_all(65536) == b"r" * 65536, "data before the reset is delivered"
+        with pytest.raises(ChannelError) as exc:
+            await dst.read(1)
+        assert str(exc.value) == "Unable to read from socket: Connection reset by peer"
+    finally:
+        raw.close()
+        await close_all(dst, lis)
 
 
 # ---- listening -----------------------------------------------------------------------------------

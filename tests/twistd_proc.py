@@ -89,9 +89,13 @@ def twistd_qio(
     *,
     listen: Sequence[str] = ("tcp:0:interface=127.0.0.1",),
     output: Path | None = None,
+    extra_output: bool = True,
     timeout: float = 30.0,
 ) -> Iterator[Twistd]:
-    """Start ``twistd -n qio ARGS --listen ... --output ...`` and wait until it is ready."""
+    """Start ``twistd -n qio ARGS --listen ... [--output ...]`` and wait until it is ready.
+
+    *extra_output* False leaves ``--output`` off (for ``proxy``, which has none).
+    """
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     output = output or workdir / "recordings"
@@ -99,7 +103,8 @@ def twistd_qio(
     argv = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(log_path), "qio", *args]
     for description in listen:
         argv += ["--listen", description]
-    argv += ["--output", str(output)]
+    if extra_output:
+        argv += ["--output", str(output)]
     proc = subprocess.Popen(argv, cwd=workdir, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         t = Twistd(proc, log_path, output, [])

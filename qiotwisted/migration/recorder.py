@@ -10,6 +10,7 @@ and silently drops the end of its stream (``qemu-interop.md`` trap 1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -35,6 +36,8 @@ class Recorder:
     to the worker pool through :class:`~qiotwisted.migration.session.ChannelSink`.
 
     :param classify_timeout: seconds a new connection may take to send its magic.
+    :param tls: turns each accepted channel into a handshaken TLS channel
+        (``twistd qio record --tls-creds``); a failed handshake stores nothing.
     :ivar sessions_done: ``(path, status)`` of every finished session, newest last.
     """
 
@@ -47,8 +50,10 @@ class Recorder:
         reactor: Any = None,
         pool: WorkerPool | None = None,
         classify_timeout: float = 60.0,
+        tls: Callable[[Channel], Deferred[Channel]] | None = None,
     ) -> None:
         self.output = Path(output)
+        self._tls = tls
         self._reactor = reactor
         self._pool = pool
         self._classify_timeout = classify_timeout
@@ -91,6 +96,15 @@ class Recorder:
 
     async def _handle(self, channel: Channel) -> None:
         peer = _peer(channel)
+        if self._tls is not None:
+            try:
+                tls_channel = await self._tls(channel)
+            except Exception as e:
+                self.log.warn("refused {peer}: TLS handshake failed: {error}", peer=peer, error=e)
+                await channel.close()
+                return
+            # stop() closes the socket underneath, which ends the TLS channel too.
+            channel = tls_channel
         try:
             head = await channel.read_all_eof(4).addTimeout(self._classify_timeout, self.reactor)
         except Exception as e:
@@ -113,6 +127,9 @@ class Recorder:
             return
         self.log.info("session {name}: main channel from {peer}", name=session.name, peer=peer)
         sink = session.add_channel("main", "main.bin")
+        peer_dn = getattr(channel, "peer_dn", None)
+        if peer_dn is not None:
+            session.extra["tls"] = {"peer_dn": peer_dn}
         await self._pump(session, channel, sink, "main.bin", head)
         await self._maybe_close(session)
 

@@ -1,22 +1,27 @@
 """Bulk receive over loopback TCP: ``SocketChannel.read`` vs a bare Twisted protocol.
 
 Each run starts a *receiver* process (pinned to one core) and a *sender*
-process (a stdlib blocking ``sendall`` loop, pinned to the other core).  The
-receiver is either
+process (a stdlib blocking ``sendall`` loop of 1 MiB buffers, pinned to the
+other core).  The receiver is one of
 
+* ``raw``: a blocking ``recv_into`` loop, no event loop (the floor, for reference);
 * ``protocol``: a bare Twisted ``Protocol`` counting bytes in ``dataReceived``
-  (``reactor.listenTCP``, Twisted's default 64 KiB reads), the baseline; or
-* ``channel``: ``SocketChannel.listen`` + ``accept`` and a pull loop
-  ``while data := await ch.read(nbytes)`` (qiotwisted).
+  (``reactor.listenTCP``, Twisted's default 64 KiB reads): the baseline;
+* ``channel``: ``SocketChannel.listen`` + ``accept`` and the pull loop
+  ``while data := await ch.read(1 MiB)``: qiotwisted.
 
-The receiver times from connection to EOF and reports its own peak RSS
-(``ru_maxrss``), so memory use is measured per process and per stream size.
-Variants are interleaved round by round; the figures are medians.  A final
-pair of runs per variant streams ``--rss-size`` bytes (default 2 GiB) to show
-that peak RSS does not grow with the stream.
+The receiver times itself from connection to EOF and reports two rates:
+*wall* GB/s (what a user sees; on loopback the sender's core does much of the
+TCP work, so this moves with the machine's load) and GB per receiver CPU
+second (how much work the receiver itself does per byte, steadier), plus its
+own peak RSS (``ru_maxrss``).  Variants are interleaved round by round and
+the figures are medians.  A last set of runs streams each of
+``--rss-sizes`` (default 512 MiB and 2 GiB) through each receiver to show that
+peak RSS does not grow with the stream.
 
-    python benchmarks/bench_bulk.py                 # ~1 minute on 2 cores
-    python benchmarks/bench_bulk.py --size 256M --rounds 3 --rss-size 0
+    python benchmarks/bench_bulk.py                  # about 20 s on 2 cores
+    python benchmarks/bench_bulk.py --size 256M --rounds 3 --rss-sizes 0
+    python benchmarks/bench_bulk.py --read-burst 0   # the channel without read bursts
 """
 
 from __future__ import annotations
@@ -93,7 +98,10 @@ def run_raw_receiver() -> None:
 
 
 def run_protocol_receiver() -> None:
-    from twisted.internet import protocol, reactor
+    from twisted.internet import protocol
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
 
     class Counter(protocol.Protocol):
         total = 0
@@ -108,25 +116,25 @@ def run_protocol_receiver() -> None:
 
         def connectionLost(self, reason: Any = None) -> None:
             report(self.total, self.t0, time.perf_counter(), self.c0, time.process_time())
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
 
-    class Once(protocol.Factory):
+    class Once(protocol.ServerFactory):
         def buildProtocol(self, addr: Any) -> protocol.Protocol:
             port.stopListening()
             return Counter()
 
-    port = reactor.listenTCP(0, Once(), interface="127.0.0.1")  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, Once(), interface="127.0.0.1")
     print(port.getHost().port, flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
-def run_channel_receiver(nbytes: int, recv_size: int | None) -> None:
+def run_channel_receiver(nbytes: int, options: dict[str, Any]) -> None:
     from twisted.internet import defer, task
 
     from qiotwisted.channel import SocketChannel
 
     async def main(reactor: Any) -> None:
-        lis = SocketChannel.listen("127.0.0.1:0", recv_size=recv_size)
+        lis = SocketChannel.listen("127.0.0.1:0", **options)
         print(lis.get_local_address().port, flush=True)  # type: ignore[union-attr]
         ch = await lis.accept()
         t0 = time.perf_counter()
@@ -150,21 +158,25 @@ def run_channel_receiver(nbytes: int, recv_size: int | None) -> None:
 def one_run(variant: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
     me = [sys.executable, os.path.abspath(__file__)]
     rcmd = [*me, "--role", "receiver", "--variant", variant, "--nbytes", str(args.nbytes)]
-    if args.recv_size is not None:
-        rcmd += ["--recv-size", str(args.recv_size)]
+    for opt in ("recv_size", "read_burst"):
+        if getattr(args, opt) is not None:
+            rcmd += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
     rcmd += ["--cpu", str(args.receiver_cpu)]
-    recv = subprocess.Popen(rcmd, stdout=subprocess.PIPE, text=True)
+    procs: list[subprocess.Popen[str]] = []
     try:
+        recv = subprocess.Popen(rcmd, stdout=subprocess.PIPE, text=True)
+        procs.append(recv)
         assert recv.stdout is not None
         port = int(recv.stdout.readline())
         scmd = [*me, "--role", "sender", "--port", str(port), "--size", str(size)]
         scmd += ["--cpu", str(args.sender_cpu)]
-        sender = subprocess.Popen(scmd)
+        sender = subprocess.Popen(scmd, text=True)
+        procs.append(sender)
         line = recv.stdout.readline()
         sender.wait(timeout=120)
         recv.wait(timeout=120)
     finally:
-        for p in (recv,):
+        for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -180,16 +192,16 @@ def main() -> None:
         "--role", choices=["orchestrator", "sender", "receiver"], default="orchestrator"
     )
     ap.add_argument("--variant", choices=["raw", "protocol", "channel"], default="channel")
-    ap.add_argument("--size", default="512M", help="bytes per timed run (default 512M)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    ap.add_argument("--rss-size", default="2G", help="stream size of the RSS check (0: skip)")
-    ap.add_argument("--nbytes", type=int, default=1 << 20, help="channel read size (1 MiB)")
+    ap.add_argument("--size", default="1G", help="bytes per timed run (default 1G)")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     ap.add_argument(
-        "--recv-size",
-        type=int,
-        default=None,
-        help="SocketChannel recv_size (default: the library's default)",
+        "--rss-sizes",
+        default="512M,2G",
+        help="comma-separated stream sizes of the RSS check ('' or 0: skip)",
     )
+    ap.add_argument("--nbytes", type=int, default=1 << 20, help="channel read size (1 MiB)")
+    ap.add_argument("--recv-size", type=int, help="SocketChannel recv_size (library default)")
+    ap.add_argument("--read-burst", type=int, help="SocketChannel read_burst (library default)")
     ap.add_argument("--port", type=int)
     ap.add_argument("--cpu", type=int)
     ap.add_argument("--receiver-cpu", type=int, default=0)
@@ -208,14 +220,17 @@ def main() -> None:
         elif args.variant == "raw":
             run_raw_receiver()
         else:
-            from qiotwisted.channel.socket import DEFAULT_RECV_SIZE
-
-            rs = args.recv_size if args.recv_size is not None else DEFAULT_RECV_SIZE
-            run_channel_receiver(args.nbytes, rs if rs > 0 else None)
+            options = {}
+            if args.recv_size is not None:
+                options["recv_size"] = args.recv_size
+            if args.read_burst is not None:
+                options["read_burst"] = args.read_burst
+            run_channel_receiver(args.nbytes, options)
         return
 
-    variants = ["protocol", "channel"]
+    variants = ["raw", "protocol", "channel"]
     labels = {
+        "raw": "stdlib recv_into loop (floor)",
         "protocol": "Twisted Protocol (baseline)",
         "channel": "SocketChannel.read (qiotwisted)",
     }
@@ -229,7 +244,7 @@ def main() -> None:
         f"receiver on CPU {args.receiver_cpu}, sender on CPU {args.sender_cpu}"
     )
     for r in range(args.rounds):
-        order = variants if r % 2 == 0 else variants[::-1]
+        order = variants[r % 3 :] + variants[: r % 3]  # rotate who goes first
         this: dict[str, float] = {}
         for v in order:
             res = one_run(v, size, args)
@@ -256,17 +271,17 @@ def main() -> None:
         f"median of per-round wall ratios {statistics.median(round_ratios):.2f}x  (goal >= 1.0x)"
     )
 
-    rss_size = parse_size(args.rss_size)
-    if rss_size:
+    rss_sizes = [parse_size(x) for x in args.rss_sizes.split(",") if x.strip()]
+    rss_sizes = [x for x in rss_sizes if x > 0]
+    if rss_sizes:
         print()
-        print("peak receiver RSS by stream size (goal <= 60 MiB whatever the size):")
+        print("receiver peak RSS by stream size (goal <= 60 MiB whatever the size):")
         for v in variants:
-            small = one_run(v, size, args)["rss_kib"] / 1024
-            big = one_run(v, rss_size, args)["rss_kib"] / 1024
-            print(
-                f"  {labels[v]:<34} {size / (1 << 20):5.0f} MiB stream: {small:5.1f} MiB"
-                f"   {rss_size / (1 << 20):5.0f} MiB stream: {big:5.1f} MiB"
-            )
+            cells = []
+            for n in rss_sizes:
+                peak = one_run(v, n, args)["rss_kib"] / 1024
+                cells.append(f"{n / (1 << 20):5.0f} MiB stream: {peak:5.1f} MiB")
+            print(f"  {labels[v]:<34} " + "   ".join(cells))
 
 
 if __name__ == "__main__":

@@ -237,6 +237,7 @@ class Coroutine(Generic[_T]):
         "_entry",
         "_failure",
         "_locks_held",
+        "_on_fired",
         "_scheduled",
         "_throw",
         "_value",
@@ -271,6 +272,8 @@ class Coroutine(Generic[_T]):
         self._failure: Failure | None = None
         self._deferred: Deferred[_T] | None = None
         self._locks_held = 0
+        # Bound once: it is added to every Deferred the coroutine awaits.
+        self._on_fired = self._deferred_fired
 
     # ---- state -----------------------------------------------------------------
 
@@ -405,13 +408,21 @@ class Coroutine(Generic[_T]):
         else:
             wakeup.append(self)
 
-    def _run(self, value: Any, throw: BaseException | None, *, explicit: bool) -> None:
+    def _run(
+        self,
+        value: Any,
+        throw: BaseException | None,
+        *,
+        explicit: bool,
+        state: _ThreadState | None = None,
+    ) -> None:
         """Run self, then the coroutines queued on it, depth-first (``qemu_aio_coroutine_enter``).
 
         With *explicit*, an exception escaping *self* is re-raised once the
         queue has drained; exceptions of queued coroutines never escape here.
         """
-        state = _thread_state()
+        if state is None:
+            state = _thread_state()
         prev = state.current
         caller: Coroutine[Any] | _Leader = _LEADER if prev is None else prev
         co: Coroutine[Any] = self
@@ -421,7 +432,44 @@ class Coroutine(Generic[_T]):
             co._caller = caller
             state.current = co
             try:
-                co._step(value, throw)
+                # The switch (QEMU's qemu_coroutine_switch), inlined: it is the hot path.
+                coro = co._coro
+                if coro is None:
+                    coro = co._start(value, throw)
+                    value = throw = None
+                while coro is not None:
+                    try:
+                        if throw is None:
+                            yielded = coro.send(value)
+                        else:
+                            exc, throw = throw, None
+                            yielded = coro.throw(exc)
+                    except StopIteration as e:
+                        co._terminate(e.value, None)
+                        break
+                    except Exception:
+                        co._terminate(None, Failure())
+                        break
+                    except BaseException:
+                        # KeyboardInterrupt, SystemExit: not ours to deliver; just stop.
+                        co._done = True
+                        co._coro = None
+                        raise
+                    if yielded is _YIELD:
+                        break
+                    if type(yielded) is Deferred or isinstance(yielded, Deferred):
+                        co._waiting = yielded
+                        yielded.addBoth(co._on_fired)
+                        if co._waiting is yielded:
+                            break
+                        # It fired inside addBoth (a paused Deferred resumed): go on.
+                        value = None
+                        throw, co._throw = co._throw, None
+                        continue
+                    throw = TypeError(
+                        f"a Coroutine can await Deferreds, coroutine_yield() and async "
+                        f"functions built on them, not {yielded!r}"
+                    )
             finally:
                 state.current = prev
                 co._caller = None
@@ -451,73 +499,38 @@ class Coroutine(Generic[_T]):
         if to_raise is not None:
             to_raise.raiseException()
 
-    def _step(self, value: Any, throw: BaseException | None) -> None:
-        """Switch into the coroutine until it yields, waits or terminates."""
-        coro = self._coro
-        if coro is None:
-            entry = self._entry
-            assert entry is not None
-            self._entry = None
-            if throw is not None:
-                self._terminate(None, Failure(throw))
-                return
-            try:
-                coro = entry(value)
-                if not isinstance(coro, _CoroutineABC):
-                    raise TypeError(
-                        f"Coroutine entry {entry!r} returned {coro!r}, not a coroutine; "
-                        "use an async def function"
-                    )
-            except Exception:
-                self._terminate(None, Failure())
-                return
-            self._coro = coro
-            value = None
-        while True:
-            try:
-                if throw is None:
-                    yielded = coro.send(value)
-                else:
-                    exc, throw = throw, None
-                    yielded = coro.throw(exc)
-            except StopIteration as e:
-                self._terminate(e.value, None)
-                return
-            except Exception:
-                self._terminate(None, Failure())
-                return
-            except BaseException:
-                # KeyboardInterrupt, SystemExit: not ours to deliver; just stop.
-                self._done = True
-                self._coro = None
-                raise
-            if yielded is _YIELD:
-                return
-            if isinstance(yielded, Deferred):
-                self._waiting = yielded
-                yielded.addBoth(self._deferred_fired, yielded)
-                if self._waiting is yielded:
-                    return
-                # It fired inside addBoth (a paused Deferred resumed): go on at once.
-                value = None
-                throw, self._throw = self._throw, None
-                continue
-            throw = TypeError(
-                f"a Coroutine can await Deferreds, coroutine_yield() and async functions "
-                f"built on them, not {yielded!r}"
-            )
+    def _start(self, value: Any, throw: BaseException | None) -> _CoroutineABC[Any, Any, _T] | None:
+        """First entry: call ``entry(value)``; None if the coroutine terminated instead."""
+        entry = self._entry
+        assert entry is not None
+        self._entry = None
+        if throw is not None:
+            self._terminate(None, Failure(throw))
+            return None
+        try:
+            coro = entry(value)
+            if not isinstance(coro, _CoroutineABC):
+                raise TypeError(
+                    f"Coroutine entry {entry!r} returned {coro!r}, not a coroutine; "
+                    "use an async def function"
+                )
+        except Exception:
+            self._terminate(None, Failure())
+            return None
+        self._coro = coro
+        return coro
 
-    def _deferred_fired(self, result: object, d: Deferred[Any]) -> object:
+    def _deferred_fired(self, result: object) -> object:
         """Resume the coroutine with QEMU's ``aio_co_wake`` rule (module docstring).
 
-        A value stays on *d*: the coroutine's ``await`` (``Deferred.__iter__``)
+        A value stays on the Deferred: the coroutine's ``await`` (``Deferred.__iter__``)
         reads it from there when it runs, now or once queued.  A Failure is
-        taken off *d* (the chain continues with None, so it is not reported
+        taken off it (the chain continues with None, so it is not reported
         as unhandled) and thrown into the coroutine, as Twisted's own
         coroutine driver does.
         """
-        if self._waiting is not d:
-            return result
+        if self._waiting is None:
+            return result  # not ours any more (cannot happen: enter() refuses a waiter)
         self._waiting = None
         throw: BaseException | None = None
         if isinstance(result, Failure):
@@ -529,12 +542,16 @@ class Coroutine(Generic[_T]):
             # Fired inside addBoth, while _step is still setting up the wait.
             self._throw = throw
             return result
-        current = _thread_state().current
+        try:
+            state: _ThreadState = _tls.state
+        except AttributeError:
+            state = _thread_state()
+        current = state.current
         if current is not None:
             self._throw = throw
             self._queue_on(current)
             return result
-        self._run(None, throw, explicit=False)
+        self._run(None, throw, explicit=False, state=state)
         return result
 
     def _terminate(self, value: Any, failure: Failure | None) -> None:

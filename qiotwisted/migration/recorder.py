@@ -127,9 +127,13 @@ class Recorder:
             return
         self.log.info("session {name}: main channel from {peer}", name=session.name, peer=peer)
         sink = session.add_channel("main", "main.bin")
-        peer_dn = getattr(channel, "peer_dn", None)
-        if peer_dn is not None:
-            session.extra["tls"] = {"peer_dn": peer_dn}
+        get_peer_dn = getattr(channel, "get_peer_dn", None)
+        if get_peer_dn is not None:
+            session.extra["tls"] = {
+                "peer_dn": get_peer_dn(),
+                "protocol": getattr(channel, "protocol_version", None),
+                "cipher": getattr(channel, "cipher", None),
+            }
         await self._pump(session, channel, sink, "main.bin", head)
         await self._maybe_close(session)
 

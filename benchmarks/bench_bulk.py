@@ -4,7 +4,7 @@ Each run starts a *receiver* process (pinned to one core) and a *sender*
 process (a stdlib blocking ``sendall`` loop of 1 MiB buffers, pinned to the
 other core).  The receiver is one of
 
-* ``raw``: a blocking ``recv_into`` loop, no event loop (the floor, for reference);
+* ``raw``: a blocking ``recv_into`` loop of 64 KiB, no event loop (a reference);
 * ``protocol``: a bare Twisted ``Protocol`` counting bytes in ``dataReceived``
   (``reactor.listenTCP``, Twisted's default 64 KiB reads): the baseline;
 * ``channel``: ``SocketChannel.listen`` + ``accept`` and the pull loop
@@ -82,7 +82,11 @@ def report(total: int, t0: float, t1: float, c0: float, c1: float) -> None:
 
 
 def run_raw_receiver() -> None:
-    """The floor: a blocking ``recv_into`` loop, no event loop at all."""
+    """The reference: a blocking ``recv_into`` loop, no event loop at all.
+
+    64 KiB reads: on loopback they beat larger ones (the copy stays in cache
+    and the receive window reopens sooner).
+    """
     with socket.socket() as lsock:
         lsock.bind(("127.0.0.1", 0))
         lsock.listen(1)
@@ -90,7 +94,7 @@ def run_raw_receiver() -> None:
         conn, _ = lsock.accept()
         with conn:
             t0, c0 = time.perf_counter(), time.process_time()
-            buf = bytearray(1 << 20)
+            buf = bytearray(1 << 16)
             total = 0
             while n := conn.recv_into(buf):
                 total += n
@@ -230,7 +234,7 @@ def main() -> None:
 
     variants = ["raw", "protocol", "channel"]
     labels = {
-        "raw": "stdlib recv_into loop (floor)",
+        "raw": "stdlib recv_into 64K (reference)",
         "protocol": "Twisted Protocol (baseline)",
         "channel": "SocketChannel.read (qiotwisted)",
     }

@@ -84,7 +84,7 @@ def bench_deferred_callback(n: int) -> float:
 
 def _deferred_loop(n: int, slot: list[Deferred[None]]) -> Any:
     async def loop(_: object = None) -> int:
-        for i in range(n):
+        for _ in range(n):
             d: Deferred[None] = Deferred()
             slot[0] = d
             await d

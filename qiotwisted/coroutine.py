@@ -151,7 +151,8 @@ class _CoroutineYield:
     __slots__ = ()
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        if _thread_state().current is None:
+        state: _ThreadState | None = getattr(_tls, "state", None)
+        if state is None or state.current is None:
             raise CoroutineError("Co-routine is yielding to no one")
         value = yield _YIELD
         if value is _YIELD:
@@ -365,10 +366,11 @@ class Coroutine(Generic[_T]):
             self.enter(value)
 
     def start(self, value: Any = None) -> Deferred[_T]:
-        """Enter for the first time and return :attr:`deferred`.
+        """Enter (normally the first time) and return :attr:`deferred`.
 
-        The ``Deferred.fromCoroutine`` of this module: a synchronous exception
-        goes to the Deferred instead of propagating.
+        The ``Deferred.fromCoroutine`` of this module: like :meth:`enter`, but
+        an exception escaping the coroutine goes to the Deferred instead of
+        propagating.  Same :class:`CoroutineError` checks as :meth:`enter`.
         """
         d = self.deferred
         self._check_enterable()

@@ -439,3 +439,48 @@ def test_failed_close_deferred_is_consumed(ch: FakeChannel) -> None:
     ch.close_result = fail(OSError("x"))
     d = ch.close()
     failure_of(d)
+
+
+class WaitHookChannel(FakeChannel):
+    """A subclass that overrides wait(), as channels do that poll only while someone waits."""
+
+    def __init__(self, reactor: TurnReactor) -> None:
+        super().__init__(reactor)
+        self.waits = 0
+
+    def wait(self, condition: Condition) -> Deferred[Condition]:
+        self.waits += 1
+        return super().wait(condition)
+
+
+def test_blocked_io_goes_through_an_overridden_wait(turns: TurnReactor) -> None:
+    ch = WaitHookChannel(turns)
+    d = ch.read(3)
+    assert ch.waits == 1, "the subclass learns that someone waits"
+    ch.feed(b"abc")
+    assert result_of(d) == b"abc"
+    ch.blocked = True
+    w = ch.write(b"xyz")
+    assert ch.waits == 2 and not w.called
+    ch.blocked = False
+    ch._ready_changed()
+    assert result_of(w) == 3
+    r = ch.read(1)
+    r.cancel()
+    assert isinstance(failure_of(r), CancelledError)
+    assert ch._waiters["read"] is None, "cancel frees the slot on this path too"
+
+
+class LyingChannel(FakeChannel):
+    """Says IN while its read still blocks: must not spin, must finish once data comes."""
+
+    def _io_condition(self) -> Condition:
+        return super()._io_condition() | Condition.IN
+
+
+def test_ready_but_blocked_does_not_spin(turns: TurnReactor) -> None:
+    ch = LyingChannel(turns)
+    d = ch.read(2)
+    assert not d.called
+    ch.feed(b"ok")
+    assert result_of(d) == b"ok"

@@ -16,95 +16,14 @@ from typing import Any
 import pytest
 from twisted.internet import defer, task
 
-from qiotwisted.channel import WOULD_BLOCK, Channel, Condition, Feature, SocketChannel
+from qiotwisted.channel import WOULD_BLOCK, Condition, Feature, SocketChannel
 from qiotwisted.channel.file import FileChannel, FileMode
 from qiotwisted.channel.util import channel_new_fd
 from qiotwisted.errors import ChannelClosedError, ChannelError
 from qiotwisted.testing import MemoryWorkerPool
+from tests.channel_helpers import CHUNK, TOTAL, ChannelTest
 
 TEST_MASK = 0o600
-
-# ---- the QEMU pattern (io-channel-helpers.c); a private stand-in for tests/channel_helpers.py
-
-_CHUNK = 4194
-_NCHUNKS = 250
-_LEN = _CHUNK * _NCHUNKS  # 1,048,500
-
-
-class _PatternTest:
-    """1,048,500 bytes in 250 iovecs; chunk k is filled with byte k."""
-
-    def __init__(self) -> None:
-        self.input = b"".join(bytes([k]) * _CHUNK for k in range(_NCHUNKS))
-        view = memoryview(self.input)
-        self.inputv = [view[k * _CHUNK : (k + 1) * _CHUNK] for k in range(_NCHUNKS)]
-        self.output = bytearray(_LEN)
-        out = memoryview(self.output)
-        self.outputv = [out[k * _CHUNK : (k + 1) * _CHUNK] for k in range(_NCHUNKS)]
-        self.writeerr: BaseException | None = None
-        self.readerr: BaseException | None = None
-
-    async def run_writer(self, src: Channel, blocking: bool = True) -> None:
-        try:
-            if blocking:
-                await src.writev_all(self.inputv)
-            else:
-                pending: list[memoryview] = list(self.inputv)
-                for _ in range(10 * _LEN):  # bounded: every turn writes or waits
-                    n = src.writev_nowait(pending)
-                    if n is WOULD_BLOCK:
-                        await src.wait(Condition.OUT)
-                        continue
-                    pending = _discard_front(pending, n)
-                    if not pending:
-                        break
-        except Exception as e:
-            self.writeerr = e
-
-    async def run_reader(self, dst: Channel, blocking: bool = True) -> None:
-        try:
-            if blocking:
-                await dst.readv_all(self.outputv)
-            else:
-                got = 0
-                for _ in range(10 * _LEN):
-                    data = dst.read_nowait(_LEN - got)
-                    if data is WOULD_BLOCK:
-                        await dst.wait(Condition.IN)
-                        continue
-                    if not data:
-                        raise ChannelError("Unexpected end-of-file before all data were read")
-                    self.output[got : got + len(data)] = data
-                    got += len(data)
-                    if got == _LEN:
-                        break
-        except Exception as e:
-            self.readerr = e
-
-    async def run_threads(self, blocking: bool, src: Channel, dst: Channel) -> None:
-        await defer.gatherResults(
-            [
-                defer.Deferred.fromCoroutine(self.run_writer(src, blocking)),
-                defer.Deferred.fromCoroutine(self.run_reader(dst, blocking)),
-            ],
-            consumeErrors=True,
-        )
-
-    def validate(self) -> None:
-        assert self.readerr is None, self.readerr
-        assert self.writeerr is None, self.writeerr
-        assert self.output == self.input
-
-
-def _discard_front(iov: list[memoryview], n: int) -> list[memoryview]:
-    while n:
-        if n >= len(iov[0]):
-            n -= len(iov[0])
-            iov = iov[1:]
-        else:
-            iov = [iov[0][n:], *iov[1:]]
-            n = 0
-    return iov
 
 
 def _umask() -> int:
@@ -134,7 +53,7 @@ async def test_io_channel_file(reactor: Any, tmp_path: Path, flags: int) -> None
     assert src.mode is FileMode.THREAD and dst.mode is FileMode.THREAD
     assert src.has_feature(Feature.SEEKABLE) and dst.has_feature(Feature.SEEKABLE)
 
-    test = _PatternTest()
+    test = ChannelTest()
     await test.run_writer(src)
     # Writes are write-behind: another channel sees them once they are flushed.
     await src.flush()
@@ -144,7 +63,7 @@ async def test_io_channel_file(reactor: Any, tmp_path: Path, flags: int) -> None
 
     # Check that the requested mode took effect.
     assert stat.S_IMODE(path.stat().st_mode) == TEST_MASK & ~_umask()
-    assert path.stat().st_size == _LEN
+    assert path.stat().st_size == TOTAL
 
     await src.close()
     await dst.close()
@@ -155,7 +74,7 @@ async def test_io_channel_file(reactor: Any, tmp_path: Path, flags: int) -> None
 async def test_file_close_flushes_write_behind(reactor: Any, tmp_path: Path) -> None:
     path = tmp_path / "f"
     src = FileChannel.new_path(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, reactor=reactor)
-    test = _PatternTest()
+    test = ChannelTest()
     await test.run_writer(src)
     await src.close()  # no flush(): close drains the queue before closing
     assert path.read_bytes() == test.input
@@ -164,16 +83,16 @@ async def test_file_close_flushes_write_behind(reactor: Any, tmp_path: Path) -> 
 async def test_file_rdwr_seek_and_read_back(reactor: Any, tmp_path: Path) -> None:
     path = tmp_path / "f"
     ch = FileChannel.new_path(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600, reactor=reactor)
-    test = _PatternTest()
+    test = ChannelTest()
     await test.run_writer(ch)
     # SEEK_END counts writes still queued behind the worker.
-    assert ch.seek(0, os.SEEK_END) == _LEN
-    assert ch.seek(0, os.SEEK_CUR) == _LEN
+    assert ch.seek(0, os.SEEK_END) == TOTAL
+    assert ch.seek(0, os.SEEK_CUR) == TOTAL
     assert ch.seek(0) == 0
     await test.run_reader(ch)
     test.validate()
-    assert ch.seek(-4194, os.SEEK_END) == _LEN - 4194
-    assert await ch.read_all(4194) == bytes([249]) * 4194
+    assert ch.seek(-CHUNK, os.SEEK_END) == TOTAL - CHUNK
+    assert await ch.read_all(CHUNK) == bytes([249]) * CHUNK
     assert await ch.read(1) == b""
     # Overwrite in the middle, then read across the seam: no stale read-ahead.
     assert ch.seek(4190) == 4190
@@ -222,10 +141,15 @@ async def test_file_write_behind_is_bounded_and_off_the_reactor(
     waiting = ch.wait(Condition.OUT)
     flushed = ch.flush()
     assert not waiting.called and not flushed.called
-    assert pool.queued == 1  # both writes coalesced into one job
+    # The first write went to the pool at once; the second waits its turn in the channel.
+    assert pool.queued == 1
+    assert pool.perform() and pool.flush() == 1
+    assert path.read_bytes() == b"abcdef"
+    assert waiting.called  # 4 bytes queued now: room again
+    assert not flushed.called  # the flush waits for the last write
     assert pool.run_until_idle() == 1
     assert path.read_bytes() == b"abcdefghij"
-    assert waiting.called and flushed.called
+    assert flushed.called
     assert ch.condition() & Condition.OUT
     closing = ch.close()
     pool.run_until_idle()
@@ -260,8 +184,8 @@ async def test_file_io_runs_in_worker_threads(reactor: Any, tmp_path: Path) -> N
     pool = RecordingPool()
     try:
         path = tmp_path / "f"
-        ch = FileChannel.new_path(path, os.O_RDWR | os.O_CREAT, 0o600, reactor=reactor)
-        ch = FileChannel.new_dupfd(ch.fd, reactor=reactor, worker=pool)  # type: ignore[arg-type]
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        ch = FileChannel.new_fd(fd, reactor=reactor, worker=pool)
         await ch.write_all(b"x" * 100_000)
         ch.seek(0)
         assert await ch.read_all(100_000) == b"x" * 100_000
@@ -397,7 +321,17 @@ async def test_channel_new_fd_pipe_and_socket(reactor: Any) -> None:
         sock = channel_new_fd(a.detach(), reactor=reactor)
         assert type(sock) is SocketChannel
         await sock.write_all(b"pong")
-        assert b.recv(4) == b"pong"
+        b.setblocking(False)
+        got = b""
+        for _ in range(500):  # the transport sends on a later reactor turn
+            await task.deferLater(reactor, 0.01)
+            try:
+                got += b.recv(4)
+            except BlockingIOError:
+                continue
+            if len(got) == 4:
+                break
+        assert got == b"pong"
         await sock.close()
     finally:
         b.close()
@@ -421,8 +355,8 @@ async def test_io_channel_pipe(reactor: Any, blocking: bool) -> None:
     dst = FileChannel.new_fd(r, reactor=reactor)
     assert src.mode is FileMode.POLL and dst.mode is FileMode.POLL
 
-    test = _PatternTest()
-    await test.run_threads(blocking, src, dst)
+    test = ChannelTest()
+    await test.run(src, dst, blocking=blocking)
     test.validate()
 
     await src.close()
@@ -457,7 +391,12 @@ async def test_pipe_watches_in_out_hup(reactor: Any) -> None:
     assert events == [Condition.IN]
 
     out_events: list[Condition] = []
-    src.add_watch(Condition.OUT, lambda c, cond, d: out_events.append(cond) is not None)
+
+    def on_out(channel: Any, cond: Condition, data: Any) -> bool:
+        out_events.append(cond)
+        return False
+
+    src.add_watch(Condition.OUT, on_out)
     await task.deferLater(reactor, 0)
     assert out_events == [Condition.OUT]
 
@@ -576,8 +515,8 @@ async def test_fifo_poll_mode(reactor: Any, tmp_path: Path) -> None:
     dst = FileChannel.new_path(fifo, os.O_RDONLY | os.O_NONBLOCK, reactor=reactor)
     src = FileChannel.new_path(fifo, os.O_WRONLY, reactor=reactor)
     assert dst.mode is FileMode.POLL and src.mode is FileMode.POLL
-    test = _PatternTest()
-    await test.run_threads(True, src, dst)
+    test = ChannelTest()
+    await test.run(src, dst, blocking=True)
     test.validate()
     await src.close()
     assert await dst.read(1) == b""
@@ -599,3 +538,32 @@ async def test_writev_many_iovecs_pipe(reactor: Any) -> None:
     assert await reading == b"".join(iov)
     await src.close()
     await dst.close()
+
+
+async def test_small_reads_across_read_ahead(reactor: Any, tmp_path: Path) -> None:
+    """Odd-sized reads over several read-ahead chunks return the file in order."""
+    path = tmp_path / "f"
+    content = bytes(i * 7 % 251 for i in range(700_000))
+    path.write_bytes(content)
+    ch = FileChannel.new_path(path, os.O_RDONLY, reactor=reactor)
+    got = bytearray()
+    for _ in range(len(content)):  # bounded: every read returns data until EOF
+        data = await ch.read(4093)
+        if not data:
+            break
+        got += data
+    assert bytes(got) == content
+    assert ch.seek(0, os.SEEK_CUR) == len(content)
+    assert ch.seek(10) == 10
+    assert await ch.read_all(5) == content[10:15]
+    await ch.close()
+
+
+async def test_writev_many_iovecs_file(reactor: Any, tmp_path: Path) -> None:
+    """Thread mode: one worker job of more than IOV_MAX buffers is written in slices."""
+    path = tmp_path / "f"
+    ch = FileChannel.new_path(path, os.O_WRONLY | os.O_CREAT, 0o600, reactor=reactor)
+    iov = [bytes([i % 256]) * (1 + i % 3) for i in range(3000)]
+    await ch.writev_all(iov)
+    await ch.close()
+    assert path.read_bytes() == b"".join(iov)

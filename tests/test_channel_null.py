@@ -10,6 +10,7 @@ from twisted.internet import task
 from qiotwisted.channel import WOULD_BLOCK, Condition, Feature
 from qiotwisted.channel.null import NullChannel
 from qiotwisted.errors import ChannelClosedError, ChannelEOFError, ChannelError
+from tests.channel_helpers import TurnReactor
 
 
 def _record(gotcond: list[Condition]) -> Any:
@@ -104,8 +105,9 @@ async def test_null_seek_features_and_close(reactor: Any) -> None:
         null.shutdown()
     d1 = null.close()
     d2 = null.close()  # closing twice is harmless
-    assert await d1 is None
-    assert await d2 is None
+    await d1
+    await d2
+    assert d1.called and d2.called
     assert null.closed
     with pytest.raises(ChannelError, match="Channel is closed"):
         null.seek(0)
@@ -120,3 +122,21 @@ async def test_null_close_removes_watches_and_fails_waiters(reactor: Any) -> Non
     assert notified == ["data"]
     with pytest.raises(ChannelClosedError):
         await null.wait(Condition.IN)
+
+
+def test_null_watch_fires_on_exactly_one_turn() -> None:
+    """The same scenario with a step-able reactor: one turn, one dispatch."""
+    turns = TurnReactor()
+    null = NullChannel(reactor=turns)  # type: ignore[arg-type]
+    gotcond: list[Condition] = []
+    watch = null.add_watch(Condition.IN, _record(gotcond))
+    assert gotcond == []
+    assert turns.turn() == 1
+    assert gotcond == [Condition.IN]
+    assert not watch.active
+    assert turns.pending() == []  # removed: nothing rescheduled
+    null.add_watch(Condition.IN | Condition.OUT, _record(gotcond))
+    turns.turn()
+    assert gotcond == [Condition.IN, Condition.IN | Condition.OUT]
+    null.close()
+    assert turns.pending() == []

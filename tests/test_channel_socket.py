@@ -270,10 +270,12 @@ async def test_fds_stay_with_their_bytes(reactor: Any, tmp_path: Path) -> None:
     r2, w2 = os.pipe()
     got: list[int] = []
     try:
+        await src.write_all(b"hdr")  # plain bytes first: the fd write must wait for them
         await src.write_all(b"one", [w1])
         await src.write_all(b"two", [w2])
         os.close(w1)  # the sender may close as soon as the write returned
         os.close(w2)
+        assert await dst.read_all_full(3) == (b"hdr", [])
         d1, f1 = await dst.read_all_full(3)
         d2, f2 = await dst.read_all_full(3)
         got = f1 + f2
@@ -440,8 +442,11 @@ async def test_peek_does_not_consume(reactor: Any) -> None:
     lis, src, dst = await pair(reactor)
     await src.write_all(b"hello")
     await dst.wait(Condition.IN)
-    while dst.buffered < 5:  # bounded by the test timeout; data is in flight on loopback
+    for _ in range(1000):  # data is in flight on loopback
+        if dst.buffered >= 5:
+            break
         await task.deferLater(reactor, 0.001)
+    assert dst.buffered == 5
     assert await dst.read(3, peek=True) == b"hel"
     assert await dst.read(10, peek=True) == b"hello"
     await src.write_all(b" world")
@@ -466,6 +471,17 @@ async def test_half_close(reactor: Any) -> None:
         await src.write_all(b"more")
     dst.shutdown(Shutdown.WRITE)
     assert await src.read(1) == b""
+    await close_all(src, dst, lis)
+
+
+async def test_half_close_after_a_write_that_filled_the_transport(reactor: Any) -> None:
+    """Regression: with the write producer paused, Twisted never sent the EOF."""
+    lis, src, dst = await pair(reactor)
+    payload = bytes(range(256)) * 8192  # 2 MiB: well past Twisted's 64 KiB pause mark
+    await src.write_all(payload)
+    src.shutdown(Shutdown.WRITE)
+    assert await dst.read_all(len(payload)) == payload
+    assert await dst.read(100) == b""
     await close_all(src, dst, lis)
 
 
@@ -501,6 +517,92 @@ async def test_addresses(reactor: Any) -> None:
     assert dst.get_remote_address() == src.get_local_address()
     with pytest.raises(ChannelError, match="Unable to query remote socket address"):
         lis.get_remote_address()
+    await close_all(src, dst, lis)
+
+
+async def test_close_flushes_pending_output(reactor: Any) -> None:
+    lis, src, dst = await pair(reactor)
+    payload = os.urandom(3 * 1024 * 1024)
+    src.write_nowait(payload)  # Twisted holds most of it; close must not drop it
+    closing = src.close()
+    assert await dst.read_all(len(payload)) == payload
+    assert await dst.read(1) == b""
+    await closing
+    await close_all(dst, lis)
+
+
+async def test_abort_resets_the_peer(reactor: Any) -> None:
+    lis, src, dst = await pair(reactor)
+    await src.abort()
+    with pytest.raises(ChannelError, match=r"^Unable to read from socket: "):
+        await dst.read(1)
+    await close_all(dst, lis)
+
+
+async def test_write_copies_mutable_buffers_and_bounds_the_copy(reactor: Any) -> None:
+    lis, src, dst = await pair(reactor)
+    buf = bytearray(b"a" * 100)
+    assert src.write_nowait(buf) == 100
+    buf[:] = b"b" * 100  # the caller may reuse its buffer at once
+    assert await dst.read_all(100) == b"a" * 100
+    big = bytearray(3 * 1024 * 1024)
+    accepted = src.write_nowait(big)
+    assert accepted == 1024 * 1024, "one write copies at most 1 MiB of a mutable buffer"
+    got = 0
+    for _ in range(10_000):
+        if not src.write_paused:
+            break
+        got += len(await dst.read(1 << 20))
+    assert not src.write_paused
+    frozen = bytes(3 * 1024 * 1024)
+    assert src.write_nowait(frozen) == len(frozen), "bytes are taken whole, without a copy"
+    rest = accepted + len(frozen) - got
+    assert await dst.read_all(rest) == bytes(rest)
+    await close_all(src, dst, lis)
+
+
+async def test_watch_sees_eof_then_hangup(reactor: Any) -> None:
+    """As poll() does: the peer's EOF makes IN true; HUP needs both directions down."""
+    lis, src, dst = await pair(reactor)
+    seen: list[Condition] = []
+    fired: list[Deferred[None]] = [Deferred(), Deferred()]
+
+    def watch(ch: Channel, cond: Condition, data: Any) -> bool:
+        seen.append(cond)
+        fired[len(seen) - 1].callback(None)
+        return len(seen) < 2
+
+    assert dst.condition() == Condition.OUT
+    await src.close()
+    assert await dst.read(1) == b""
+    dst.add_watch(Condition.IN | Condition.HUP, watch)
+    await fired[0]
+    assert seen == [Condition.IN]
+    dst.shutdown(Shutdown.WRITE)
+    assert dst.condition() & Condition.HUP
+    assert not dst.condition() & Condition.ERR
+    await fired[1]
+    assert seen[1] == Condition.IN | Condition.HUP
+    await close_all(dst, lis)
+
+
+async def test_on_connect_that_raises_is_logged(reactor: Any) -> None:
+    from twisted.logger import capturedLogs
+
+    lis = SocketChannel.listen("127.0.0.1:0")
+
+    def boom(ch: SocketChannel) -> None:
+        raise RuntimeError("callback bug")
+
+    src = SocketChannel(reactor=reactor, on_connect=boom)
+    with capturedLogs() as events:
+        await connectProtocol(endpoint_for(reactor, lis.get_local_address()), src.protocol)
+    assert any(
+        e.get("log_failure") is not None and isinstance(e["log_failure"].value, RuntimeError)
+        for e in events
+    )
+    assert src.connected, "the connection survives its callback's bug"
+    dst = await lis.accept()
     await close_all(src, dst, lis)
 
 
@@ -543,7 +645,7 @@ async def test_slow_reader_keeps_sender_paused(reactor: Any) -> None:
         now = (accepted, dst.bytes_received)
         still = still + 1 if now == last else 0
         last = now
-        if still >= 10:
+        if still >= 10 and dst.read_paused and src.write_paused:
             break
     assert still >= 10, "the transfer never stalled"
     assert not producer.called, "the writer must be held back by the reader"
@@ -607,7 +709,7 @@ async def test_full_recv_reads_a_burst_in_one_turn(reactor: Any) -> None:
         real(data)
 
     try:
-        dst._data_received = counting  # type: ignore[method-assign]
+        dst._data_received = counting
         raw.sendall(b"b" * 65536)
         await kernel_queue(reactor, dst, 65536, closed=False)
         dst.transport.resumeProducing()

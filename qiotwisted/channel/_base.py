@@ -11,12 +11,18 @@ watches and ``wait``.
 Thread contract: every method here is called in the reactor thread, and every
 callback (watch functions, Deferred callbacks) runs in the reactor thread.
 
+Waiting: each direction has one waiter slot (``self._waiters["read"]`` /
+``["write"]``, QEMU's read/write coroutine), shared by :meth:`Channel.wait`
+and by ``read``/``write`` calls that would block.  A subclass may test a slot
+for ``None`` to learn whether anyone waits, or override :meth:`Channel.wait`
+to be told; blocked I/O then goes through that override.
+
 Performance note: ``read``/``write`` first try the non-blocking primitive and
 return an already-fired Deferred when it succeeds; only when the channel would
-block do they park a single waiter (no coroutine, no extra Deferred layers).
-A pull-style reader therefore costs one primitive call per chunk while data is
-flowing, which is what lets ``await ch.read(1 << 20)`` keep up with a bare
-Twisted protocol.
+block do they park the attempt itself in the waiter slot (no coroutine, no
+extra Deferred layers), and ``_ready_changed`` retries it.  Readiness bits are
+handled as plain ints on these paths: IntFlag arithmetic costs about a
+microsecond per operation.
 """
 
 from __future__ import annotations

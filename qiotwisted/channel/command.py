@@ -93,6 +93,13 @@ class _CommandProtocol(ProcessProtocol):
     def __init__(self, channel: CommandChannel) -> None:
         self.channel = channel
 
+    def connectionMade(self) -> None:
+        # Twisted forgets the pid once it reaps the child, which for a quick child
+        # can happen before spawnProcess even returns: keep it now.
+        transport = self.transport
+        assert transport is not None
+        self.channel.pid = transport.pid
+
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 1:
             self.channel._data_received(data)
@@ -246,7 +253,6 @@ class CommandChannel(Channel):
         finally:
             if devnull != -1:
                 os.close(devnull)  # the child has its own copy now
-        self.pid = self.transport.pid
         if self._writable:
             self.transport.registerProducer(self.protocol, True)
         self.log.debug(
@@ -435,6 +441,16 @@ class CommandChannel(Channel):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the child's stdout and not yet taken by a read."""
+        return self._buffered
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while the buffer is above the high-water mark and the pipe is not read."""
+        return self._read_paused
 
     @property
     def signals_sent(self) -> list[int]:

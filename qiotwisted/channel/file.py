@@ -181,20 +181,20 @@ class _WriteJob(_Job):
 def _write_fully(fd: int, bufs: list[Buffer], offset: int | None) -> None:
     """Write every byte of *bufs* at *offset* (or the fd's offset); worker thread."""
     views = [memoryview(b).cast("B") for b in bufs]
-    while views:
-        batch = views[:IOV_MAX]
+    i = 0
+    while i < len(views):
+        batch = views[i : i + IOV_MAX]
         n = os.writev(fd, batch) if offset is None else os.pwritev(fd, batch, offset)
         if n <= 0:
             raise OSError(errno.EIO, "Short write")
         if offset is not None:
             offset += n
-        while n:
-            first = views[0]
-            if n >= len(first):
-                n -= len(first)
-                del views[0]
+        while n:  # skip what went out; a partly written buffer keeps its tail
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
             else:
-                views[0] = first[n:]
+                views[i] = views[i][n:]
                 n = 0
 
 
@@ -254,7 +254,10 @@ class FileChannel(Channel):
         self._running: _Job | None = None
         self._offset = 0
         self._generation = 0  # bumped by writes and seeks: read results before it are stale
-        self._held = b""  # read data at _held_offset, not yet returned
+        # Read data not yet returned: _held[_held_pos:], which starts at file offset
+        # _held_offset.  An index instead of re-slicing keeps small reads O(n).
+        self._held = b""
+        self._held_pos = 0
         self._held_offset = 0
         self._held_eof = False
         self._read_queued: _Job | None = None
@@ -397,7 +400,11 @@ class FileChannel(Channel):
         if self.mode is FileMode.POLL:
             return self._poll_condition()
         cond = Condition(0)
-        if self._read_error is not None or self._held_eof or (self._held and self._held_valid()):
+        if (
+            self._read_error is not None
+            or self._held_eof
+            or (self._held_len() and self._held_valid())
+        ):
             cond |= Condition.IN
         if self._write_error is not None:
             cond |= Condition.OUT | Condition.ERR
@@ -560,6 +567,9 @@ class FileChannel(Channel):
     def _seekable(self) -> bool:
         return bool(self.features & Feature.SEEKABLE)
 
+    def _held_len(self) -> int:
+        return len(self._held) - self._held_pos
+
     def _held_valid(self) -> bool:
         return not self._seekable() or self._held_offset == self._offset
 
@@ -580,7 +590,7 @@ class FileChannel(Channel):
         if not self._seekable():
             return  # a stream: data read is consumed and stays valid
         self._generation += 1
-        self._held = b""
+        self._held, self._held_pos = b"", 0
         self._held_eof = False
         queued = self._read_queued
         if queued is not None:
@@ -594,18 +604,25 @@ class FileChannel(Channel):
             raise error
         if not self._readable:
             raise ChannelError("Unable to read from file: Bad file descriptor")
-        if self._held and self._held_valid():
-            data = self._held[:nbytes]
-            self._held = self._held[len(data) :]
+        if self._held_len() and self._held_valid():
+            held, pos = self._held, self._held_pos
+            if pos == 0 and nbytes >= len(held):
+                data = held  # the common bulk case: hand over the job's buffer, no copy
+            else:
+                data = held[pos : pos + nbytes]
+            self._held_pos = pos + len(data)
+            if self._held_pos == len(held):
+                self._held, self._held_pos = b"", 0
             self._offset += len(data)
             self._held_offset = self._offset
             if (
-                not self._held
+                not self._writable
                 and not self._held_eof
-                and not self._writable
                 and self._read_queued is None
+                and self._held_len() < self._read_chunk
             ):
-                # A read-only channel is read front to back: fetch the next chunk now.
+                # A read-only channel is read front to back: fetch the next chunk
+                # while the caller consumes this one.
                 self._queue_read(max(len(data), self._read_chunk))
             return data
         if self._held_eof:
@@ -617,7 +634,7 @@ class FileChannel(Channel):
         return WOULD_BLOCK
 
     def _queue_read(self, nbytes: int) -> None:
-        offset = self._offset + len(self._held) if self._seekable() else None
+        offset = self._offset + self._held_len() if self._seekable() else None
         job = _Job("read", offset, self._generation)
         job.nbytes = min(nbytes, MAX_READ)
         job.done = self._read_done
@@ -632,9 +649,11 @@ class FileChannel(Channel):
         if isinstance(job.result, BaseException):
             self._read_error = _as_channel_error(job.result, "Unable to read from file")
         elif job.result:
-            if not self._held:
+            if not self._held_len():
+                self._held, self._held_pos = job.result, 0
                 self._held_offset = job.offset if job.offset is not None else 0
-            self._held += job.result
+            else:
+                self._held, self._held_pos = self._held[self._held_pos :] + job.result, 0
         else:
             self._held_eof = True
         self._ready_changed()
@@ -719,7 +738,7 @@ class FileChannel(Channel):
         # Reads nobody will take are dropped; queued writes are flushed first.
         self._jobs = deque(j for j in self._jobs if j.kind != "read")
         self._read_queued = None
-        self._held = b""
+        self._held, self._held_pos = b"", 0
         result: Deferred[None] = Deferred()
         offset = self._offset if self._seekable() and not self._append else None
         job = _Job("close", offset, self._generation)

@@ -31,6 +31,22 @@ says), and a UNIX socket path is unlinked on close only when the channel has
 ``LISTEN`` (Twisted's UNIX port always unlinks).  Accepted sockets do become
 ordinary Twisted transports via ``adoptStreamConnection``.
 
+File descriptors (UNIX sockets, ``FD_PASS``): a write with fds waits until
+Twisted's write buffer is empty and then sends all fds (at most
+:data:`MAX_FDS`, "Only 16 FDs can be sent") in one ``sendmsg`` with the first
+bytes, as QEMU does, so they stay with their data and the caller may close
+them once the write returns.  Received fds get CLOEXEC and blocking mode
+(QEMU's rules) and are handed out by :meth:`~Channel.read_full` together with
+the bytes they came with; a plain :meth:`~Channel.read` that consumes those
+bytes closes them, as the kernel drops fds for a ``recvmsg`` without room.
+
+Bulk reads: after a ``recv`` that filled ``recv_size`` (64 KiB), a TCP channel
+keeps reading in the same reactor turn (up to ``read_burst``), and a plain
+``read`` returns buffered chunks without copying them together.  A pull loop
+``while data := await ch.read(1 << 20)`` thus wakes once per burst instead of
+once per chunk; ``benchmarks/bench_bulk.py`` compares it with a bare Twisted
+protocol.
+
 Thread contract: reactor thread only, like every channel, except the worker
 functions of :meth:`connect`/:meth:`listen_async`, which run in a pool thread
 and touch nothing but a fresh socket.
@@ -671,7 +687,12 @@ class SocketChannel(Channel):
         lost = self._lost
         if lost is not None:
             bits |= _HUP if lost.check(ConnectionDone) else _HUP | _ERR
-        elif self.transport is not None and not self._write_paused and not self._write_shut:
+        elif self._write_shut:
+            # poll(): HUP once both directions are down (the peer's EOF alone
+            # is just IN, like POLLRDHUP).
+            if self._eof:
+                bits |= _HUP
+        elif self.transport is not None and not self._write_paused:
             bits |= _OUT
         return _CONDITIONS[bits]
 
@@ -911,7 +932,11 @@ class SocketChannel(Channel):
         if how & Shutdown.WRITE and not self._write_shut:
             self._write_shut = True
             # Twisted flushes what it holds first (QEMU has no user-space
-            # buffer to flush), then shuts the write side.
+            # buffer to flush), then shuts the write side -- but only with no
+            # producer registered: while one is, doWrite resumes the producer
+            # instead of honouring loseWriteConnection, and EOF is never sent.
+            self.transport.unregisterProducer()
+            self._write_paused = False
             self.transport.loseWriteConnection()
 
     def _io_set_delay(self, enabled: bool) -> None:
@@ -1292,7 +1317,9 @@ def _run_socket_task(
     def complete(task: Task[SocketChannel], _: object) -> None:
         # Reactor thread.  Attach before the user's func so it sees a usable channel.
         sock = holder.take()
-        if sock is not None and (task.cancelled or task.has_error):
+        if sock is not None and (task.cancelled or task.has_error or chan.closed):
+            # Nobody will use it: the task was cancelled, or the channel was
+            # closed while the worker ran (close() then had nothing to close).
             sock.close()
         elif sock is not None:
             try:

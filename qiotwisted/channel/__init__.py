@@ -9,17 +9,28 @@ from .._address import (
 )
 from ._base import WOULD_BLOCK, Channel, Condition, Feature, Shutdown, Watch, WouldBlock
 from .buffer import BufferChannel
+from .command import CommandChannel, CommandExit
+from .file import FileChannel, FileMode
+from .null import NullChannel
+from .pipe import PipeChannel, pipe_pair
 from .socket import MAX_FDS, SocketChannel, SocketProtocol
+from .util import channel_new_fd
 
 __all__ = [
     "MAX_FDS",
     "WOULD_BLOCK",
     "BufferChannel",
     "Channel",
+    "CommandChannel",
+    "CommandExit",
     "Condition",
     "FdSocketAddress",
     "Feature",
+    "FileChannel",
+    "FileMode",
     "InetSocketAddress",
+    "NullChannel",
+    "PipeChannel",
     "Shutdown",
     "SocketAddress",
     "SocketChannel",
@@ -27,5 +38,7 @@ __all__ = [
     "UnixSocketAddress",
     "Watch",
     "WouldBlock",
+    "channel_new_fd",
     "parse_address",
+    "pipe_pair",
 ]

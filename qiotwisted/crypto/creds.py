@@ -731,6 +731,11 @@ class TLSCreds:
         * Session tickets off (``OP_NO_TICKET``; TLS 1.3 servers still send
           tickets, see the priority ``@QIO-TLS1.2``), no compression, no
           renegotiation.
+        * When peers are verified, a verify callback that keeps OpenSSL's
+          verdict and tells the connection's app data why a certificate was
+          refused (:func:`_note_verify_failure`), so a TLS channel can say it
+          QEMU's way; set once here, since a per-connection callback costs a
+          cffi callback per handshake.
         """
         prio = self.tls_priority
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD if self.is_server else SSL.TLS_CLIENT_METHOD)
@@ -770,7 +775,9 @@ class TLSCreds:
 
         if self.is_server:
             if self.verify_peer:
-                ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+                ctx.set_verify(
+                    SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_verify_failure
+                )
                 for ca in self.ca_certs:
                     ctx.add_client_ca(ca)
             else:
@@ -787,8 +794,10 @@ class TLSCreds:
                     raise TLSCredsError(
                         f"Unable to load DH parameters from {self.dh_params}: {reason}"
                     ) from None
+        elif self.verify_peer:
+            ctx.set_verify(SSL.VERIFY_PEER, _note_verify_failure)
         else:
-            ctx.set_verify(SSL.VERIFY_PEER if self.verify_peer else SSL.VERIFY_NONE)
+            ctx.set_verify(SSL.VERIFY_NONE)
         return ctx
 
     @property
@@ -798,6 +807,26 @@ class TLSCreds:
     @property
     def _key_name(self) -> str:
         return SERVER_KEY if self.is_server else CLIENT_KEY
+
+
+def _note_verify_failure(
+    conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
+) -> bool:
+    """The contexts' verify callback: OpenSSL's verdict stands; a failure is reported.
+
+    The report goes to ``conn.get_app_data().note_verify_failure(errnum, depth,
+    cert)`` when the app data has that method (``qiotwisted.channel.tls`` sets
+    one).  It must never raise: pyOpenSSL would re-raise the error from the
+    next call on *any* connection of the context.
+    """
+    if not ok:
+        note = getattr(conn.get_app_data(), "note_verify_failure", None)
+        if note is not None:
+            try:
+                note(errnum, depth, cert)
+            except Exception:
+                TLSCreds.log.failure("note_verify_failure raised")
+    return bool(ok)
 
 
 def _openssl_reason(exc: BaseException) -> str:

@@ -10,10 +10,18 @@ Layout (``OUTPUT`` is ``--output``)::
 
 Everything here that touches the disk or hashes runs in a worker thread: the
 reactor only hands over chunks and waits for the sink to drain (backpressure).
+
+Crash safety: a session is renamed into place only after its manifest was
+written and synced, so a directory without the ``.incoming-`` prefix always
+holds a complete, parseable manifest.  A service that dies mid-session
+(SIGKILL, a crash) leaves ``.incoming-<stamp>``; the next start files it as
+``incomplete`` (:func:`recover_incoming`), nothing deleted.
 """
 
 from __future__ import annotations
 
+import calendar
+import contextlib
 import hashlib
 import json
 import os
@@ -33,11 +41,18 @@ from .._pool import WorkerPool
 from ..task import Task
 from . import wire
 
-__all__ = ["ChannelSink", "Session", "SessionStatus", "run_in_worker"]
+__all__ = [
+    "ChannelSink",
+    "Session",
+    "SessionStatus",
+    "recover_incoming",
+    "run_in_worker",
+]
 
 _R = TypeVar("_R")
 
 MANIFEST = "manifest.json"
+_STAMP = "%Y%m%dT%H%M%SZ"
 FORMAT_VERSION = 1
 
 
@@ -53,6 +68,7 @@ class _ChannelState:
     filename: str
     channel_id: int | None = None
     bytes: int = 0
+    received: int = 0
     sha256: str = ""
     ended: bool = False
     error: str | None = None
@@ -103,8 +119,12 @@ class ChannelSink:
         self._hash = hashlib.sha256()
         self._file: Any = None
         self._reader: Any = None
+        # Bytes on disk, counted by the write job itself (worker thread), so a
+        # batch that fails halfway (EFBIG, ENOSPC) still counts what it wrote.
+        self._on_disk = 0
         self.bytes = 0
         self.error: BaseException | None = None
+        self.hash_error: BaseException | None = None
 
     # -- reactor thread ------------------------------------------------------------
 
@@ -148,12 +168,11 @@ class ChannelSink:
 
     def _write_done(self, result: object, size: int) -> None:
         self._writing = False
+        self._written = self._on_disk
         if isinstance(result, Failure):
             self._fail(result)
-        else:
-            self._written += size
-            if not self._hashing:
-                self._start_hash()
+        if not self._hashing:
+            self._start_hash()
         if self._pending:
             self._start_write()
             return
@@ -161,7 +180,9 @@ class ChannelSink:
         self._maybe_idle()
 
     def _start_hash(self) -> None:
-        if self._hashed >= self._written or self.error is not None:
+        # Hashing goes on after a write error: the manifest's sha256 then
+        # covers exactly the bytes that reached the file.
+        if self._hashed >= self._written or self.hash_error is not None:
             return
         self._hashing = True
         run_in_worker(
@@ -175,6 +196,7 @@ class ChannelSink:
     def _hash_done(self, result: object) -> None:
         self._hashing = False
         if isinstance(result, Failure):
+            self.hash_error = result.value
             self._fail(result)
         else:
             assert isinstance(result, int)
@@ -194,7 +216,7 @@ class ChannelSink:
     def _maybe_idle(self) -> None:
         if self._writing or self._hashing or self._pending:
             return
-        if self.error is None and self._hashed < self._written:
+        if self.hash_error is None and self._hashed < self._written:
             self._start_hash()
             return
         self._wake(self._idle_waiters)
@@ -219,6 +241,7 @@ class ChannelSink:
             view = memoryview(chunk)
             while view:
                 n = self._file.write(view)
+                self._on_disk += n
                 view = view[n:]
             self._walk(chunk)
 
@@ -246,21 +269,36 @@ class ChannelSink:
     def _close_in_thread(self, eof: bool) -> None:
         if eof:
             self._walk(b"")
-        self._open_in_thread()
-        self._file.close()
-        self._reader.close()
+        try:
+            self._open_in_thread()
+        finally:
+            if self._file is not None:
+                self._file.close()
+            if self._reader is not None:
+                self._reader.close()
+
+    @property
+    def on_disk(self) -> int:
+        """Bytes written to the file (reactor thread: as of the last finished write job)."""
+        return self._written
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        """sha256 of the file's bytes; empty if they could not all be read back."""
+        return "" if self.hash_error is not None else self._hash.hexdigest()
 
 
 class Session:
     """One migration being recorded: its directory, channels and manifest.
 
     Created in the reactor thread; the directory is made in a worker by
-    :meth:`open`.  :meth:`close` writes the manifest and renames the
+    :meth:`open`, and channels that join meanwhile wait for it with
+    :meth:`when_open`.  :meth:`close` writes the manifest and renames the
     directory into place, both in a worker, and fires with the final path.
+
+    :attr:`stop_reason` is set by whoever ends the session early (the service
+    stopping, the disk filling up, a channel going idle): the verdict then
+    names it, unless the content proves the migration complete anyway.
     """
 
     log = Logger()
@@ -281,9 +319,7 @@ class Session:
         self._clock = clock
         self.started = clock()
         self.ended: float | None = None
-        self.stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.started)) + (
-            "-" + secrets.token_hex(3)
-        )
+        self.stamp = time.strftime(_STAMP, time.gmtime(self.started)) + ("-" + secrets.token_hex(3))
         self.name = self.stamp
         self.tmp_dir = output / f".incoming-{self.stamp}"
         self.final_dir = output / self.stamp
@@ -295,9 +331,45 @@ class Session:
         self.closing = False
         self.status: str = SessionStatus.RECORDING
         self.reason: str | None = None
+        self.stop_reason: str | None = None
+        #: The network channels feeding this session (owned by the recorder),
+        #: so that ending the session early can close them all.
+        self.live: set[Any] = set()
+        self.opened = False
+        self.open_error: str | None = None
+        self._open_waiters: list[Deferred[None]] = []
 
     def open(self) -> Deferred[None]:
-        return run_in_worker(self._mkdir, pool=self._pool, reactor=self._reactor)
+        """Make the session directory (worker thread); fires once it exists, or fails."""
+        d = run_in_worker(self._mkdir, pool=self._pool, reactor=self._reactor)
+
+        def done(result: object) -> object:
+            if isinstance(result, Failure):
+                self.open_error = str(result.value)
+            else:
+                self.opened = True
+            waiters, self._open_waiters = self._open_waiters, []
+            for w in waiters:
+                w.callback(None)
+            return result
+
+        return d.addBoth(done)
+
+    def fail_open(self, reason: str) -> None:
+        """The session will never open (refused before :meth:`open`); wake the waiters."""
+        self.open_error = reason
+        waiters, self._open_waiters = self._open_waiters, []
+        for w in waiters:
+            w.callback(None)
+
+    def when_open(self) -> Deferred[None]:
+        """Fires (never fails) once :meth:`open` finished; check :attr:`open_error` after."""
+        d: Deferred[None] = Deferred()
+        if self.opened or self.open_error is not None:
+            d.callback(None)
+        else:
+            self._open_waiters.append(d)
+        return d
 
     def _mkdir(self) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
@@ -318,12 +390,26 @@ class Session:
         sink = self.sinks[filename]
         state.ended = True
         state.error = error or (str(sink.error) if sink.error else None)
-        state.bytes = sink.bytes
+        state.bytes = sink.on_disk
+        state.received = sink.bytes
         state.sha256 = sink.sha256
         state.summary = sink.walker.summary()
 
-    def verdict(self) -> tuple[str, str | None]:
-        """(status, reason): ``complete`` only when the content proves it."""
+    def stop(self, reason: str) -> bool:
+        """End the session early: keep the first *reason*, close its channels.
+
+        Returns False if it was already stopping.  The channels' pumps then end,
+        and the session is filed as usual, its verdict naming *reason*.
+        """
+        if self.stop_reason is not None:
+            return False
+        self.stop_reason = reason
+        for channel in list(self.live):
+            channel.close()
+        return True
+
+    def content_verdict(self) -> tuple[str, str | None]:
+        """(status, reason) from the recorded content alone."""
         mains = [c for c in self.channels if c.kind == "main"]
         if len(mains) != 1:
             return (
@@ -353,6 +439,17 @@ class Session:
                 )
         return SessionStatus.COMPLETE, None
 
+    def verdict(self) -> tuple[str, str | None]:
+        """(status, reason): ``complete`` only when the content proves it.
+
+        A session ended early (:meth:`stop`) is ``incomplete`` with the stop
+        reason first, then what the content says.
+        """
+        status, reason = self.content_verdict()
+        if status == SessionStatus.COMPLETE or self.stop_reason is None:
+            return status, reason
+        return SessionStatus.INCOMPLETE, f"{self.stop_reason} ({reason})"
+
     def manifest(self, status: str, reason: str | None) -> dict[str, Any]:
         return {
             "format": FORMAT_VERSION,
@@ -361,24 +458,18 @@ class Session:
             "peer": self.peer,
             "started": _iso(self.started),
             "ended": _iso(self.ended) if self.ended is not None else None,
-            "channels": [
-                {
-                    "kind": c.kind,
-                    "file": c.filename,
-                    **({"id": c.channel_id} if c.channel_id is not None else {}),
-                    "bytes": c.bytes,
-                    "sha256": c.sha256,
-                    **({"error": c.error} if c.error else {}),
-                    "stream": c.summary,
-                }
-                for c in self.channels
-            ],
+            "channels": [_channel_entry(c) for c in self.channels],
             **({"uuid": str(self.uuid)} if self.uuid is not None else {}),
             **self.extra,
         }
 
     def close(self) -> Deferred[Path]:
-        """Write the manifest and move the session into place; fires with its directory."""
+        """Write the manifest and move the session into place; fires with its directory.
+
+        Fails if the manifest cannot be written (the disk is full): the session
+        then stays as ``.incoming-<name>``, which :func:`recover_incoming`
+        files as incomplete at the next start.
+        """
         self.ended = self._clock()
         status, reason = self.verdict()
         manifest = self.manifest(status, reason)
@@ -386,15 +477,134 @@ class Session:
         return run_in_worker(self._finalise, manifest, pool=self._pool, reactor=self._reactor)
 
     def _finalise(self, manifest: dict[str, Any]) -> Path:
-        tmp = self.tmp_dir / (MANIFEST + ".tmp")
+        _write_manifest(self.tmp_dir, manifest)
+        os.replace(self.tmp_dir, self.final_dir)
+        _fsync_dir(self.output)
+        return self.final_dir
+
+
+def _channel_entry(c: _ChannelState) -> dict[str, Any]:
+    return {
+        "kind": c.kind,
+        "file": c.filename,
+        **({"id": c.channel_id} if c.channel_id is not None else {}),
+        "bytes": c.bytes,
+        # Bytes received but never stored (a write failed): the file holds "bytes".
+        **({"received": c.received} if c.received != c.bytes else {}),
+        "sha256": c.sha256,
+        **({"error": c.error} if c.error else {}),
+        "stream": c.summary,
+    }
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` atomically: a reader sees the old one or the whole new one."""
+    tmp = directory / (MANIFEST + ".tmp")
+    try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.tmp_dir / MANIFEST)
-        os.replace(self.tmp_dir, self.final_dir)
-        return self.final_dir
+        os.replace(tmp, directory / MANIFEST)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is durable only once the directory holding it is synced.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename still happened
+    finally:
+        os.close(fd)
+
+
+INCOMING_PREFIX = ".incoming-"
+RECOVERED_REASON = "interrupted: the service ended before this session did (recovered at start)"
+
+
+def recover_incoming(output: Path, *, chunk: int = 4 << 20) -> list[Path]:
+    """File every ``.incoming-*`` session left in *output* as ``incomplete`` (worker thread).
+
+    What a killed service (SIGKILL, a crash, power loss) leaves behind: a
+    session directory that was never renamed into place.  Each one's channel
+    files are walked and hashed as the recorder would have, and a manifest is
+    written with status ``incomplete`` and :data:`RECOVERED_REASON`; then the
+    directory is renamed to its final name.  A directory that already holds
+    a manifest (the service died between writing it and the rename) keeps
+    it.  Only call this when no recorder is writing into *output*.  Returns
+    the directories filed, in name order.
+    """
+    if not output.is_dir():
+        return []
+    filed: list[Path] = []
+    for tmp_dir in sorted(output.iterdir()):
+        if not (tmp_dir.is_dir() and tmp_dir.name.startswith(INCOMING_PREFIX)):
+            continue
+        final = output / tmp_dir.name[len(INCOMING_PREFIX) :]
+        if final.exists():
+            final = output / (final.name + "-recovered")
+        if not (tmp_dir / MANIFEST).exists():
+            _write_manifest(tmp_dir, _recovered_manifest(tmp_dir, chunk))
+        os.replace(tmp_dir, final)
+        filed.append(final)
+    if filed:
+        _fsync_dir(output)
+    return filed
+
+
+def _recovered_manifest(tmp_dir: Path, chunk: int) -> dict[str, Any]:
+    channels: list[dict[str, Any]] = []
+    files = sorted(
+        (p for p in tmp_dir.iterdir() if p.suffix == ".bin"),
+        key=lambda p: (p.name != "main.bin", p.name),
+    )
+    for path in files:
+        walker: wire.MainStreamWalker | wire.MultifdStreamWalker
+        kind = "main" if path.name == "main.bin" else "multifd"
+        walker = wire.MainStreamWalker() if kind == "main" else wire.MultifdStreamWalker()
+        h = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as f:
+            while data := f.read(chunk):
+                h.update(data)
+                size += len(data)
+                with contextlib.suppress(wire.WireError):
+                    walker.feed(data)
+        with contextlib.suppress(wire.WireError):
+            walker.feed(b"")
+        state = _ChannelState(kind=kind, filename=path.name, bytes=size, received=size)
+        state.sha256 = h.hexdigest()
+        state.ended = True
+        state.summary = walker.summary()
+        if isinstance(walker, wire.MultifdStreamWalker) and walker.channel_id is not None:
+            state.channel_id = walker.channel_id
+        channels.append(_channel_entry(state))
+    st = tmp_dir.stat()
+    try:  # the directory's name starts with the session's start time
+        started: str | None = _iso(
+            calendar.timegm(time.strptime(tmp_dir.name[len(INCOMING_PREFIX) :][:16], _STAMP))
+        )
+    except ValueError:
+        started = None
+    return {
+        "format": FORMAT_VERSION,
+        "status": SessionStatus.INCOMPLETE,
+        "reason": RECOVERED_REASON,
+        "peer": None,
+        "started": started,
+        "ended": _iso(st.st_mtime),
+        "channels": channels,
+        "recovered": True,
+    }
 
 
 def run_in_worker(

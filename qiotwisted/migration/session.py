@@ -125,6 +125,10 @@ class ChannelSink:
         self.bytes = 0
         self.error: BaseException | None = None
         self.hash_error: BaseException | None = None
+        #: Called once, in the reactor thread, with the first error (a write or
+        #: read-back failed): the owner can stop feeding at once rather than at
+        #: its next write.
+        self.on_error: Callable[[BaseException], object] | None = None
 
     # -- reactor thread ------------------------------------------------------------
 
@@ -205,13 +209,18 @@ class ChannelSink:
         self._maybe_idle()
 
     def _fail(self, failure: Failure) -> None:
+        self._pending.clear()
+        self._pending_bytes = 0
         if self.error is None:
             self.error = failure.value
             self.log.error(
                 "recording to {path} failed: {error}", path=str(self.path), error=failure.value
             )
-        self._pending.clear()
-        self._pending_bytes = 0
+            if self.on_error is not None:
+                try:
+                    self.on_error(failure.value)
+                except Exception:
+                    self.log.failure("on_error callback of {path}", path=str(self.path))
 
     def _maybe_idle(self) -> None:
         if self._writing or self._hashing or self._pending:
@@ -232,6 +241,9 @@ class ChannelSink:
 
     def _open_in_thread(self) -> None:
         if self._file is None:
+            # A channel can join a session before the job making its directory
+            # ran (both are worker jobs, on different threads).
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "wb", buffering=0)  # closed in _close_in_thread
             self._reader = open(self.path, "rb", buffering=0)
 
@@ -328,6 +340,7 @@ class Session:
         self.extra: dict[str, Any] = {}
         self.uuid: _uuid.UUID | None = None
         self.has_main = False
+        self.multifd_ids: set[int] = set()
         self.closing = False
         self.status: str = SessionStatus.RECORDING
         self.reason: str | None = None
@@ -372,8 +385,10 @@ class Session:
         return d
 
     def _mkdir(self) -> None:
+        # exist_ok: the name is unique (a random token), and a channel that
+        # joined while this job was queued may have created it already.
         self.output.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir()
+        self.tmp_dir.mkdir(exist_ok=True)
 
     def add_channel(self, kind: str, filename: str, channel_id: int | None = None) -> ChannelSink:
         walker: wire.MainStreamWalker | wire.MultifdStreamWalker
@@ -447,6 +462,8 @@ class Session:
         """
         status, reason = self.content_verdict()
         if status == SessionStatus.COMPLETE or self.stop_reason is None:
+            return status, reason
+        if reason == self.stop_reason:  # a channel's own error stopped the session
             return status, reason
         return SessionStatus.INCOMPLETE, f"{self.stop_reason} ({reason})"
 

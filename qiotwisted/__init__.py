@@ -1,6 +1,6 @@
 """qiotwisted: QEMU's I/O layer on Twisted, and QEMU live-migration endpoints."""
 
-from .channel import Channel, Condition, Feature, Shutdown, SocketChannel
+from .channel import BufferChannel, Channel, Condition, Feature, Shutdown, SocketChannel
 from .coroutine import (
     CoMutex,
     CoQueue,
@@ -17,9 +17,10 @@ from .coroutine import (
 from .dns import Resolver
 from .errors import ChannelEOFError, ChannelError, QIOError, TaskCancelledError
 from .listener import ListenError, NetListener, NetListenerService
-from .task import Task
+from .task import Task, run_in_worker
 
 __all__ = [
+    "BufferChannel",
     "Channel",
     "ChannelEOFError",
     "ChannelError",
@@ -45,4 +46,5 @@ __all__ = [
     "coroutine_self",
     "coroutine_yield",
     "in_coroutine",
+    "run_in_worker",
 ]

@@ -84,6 +84,7 @@ __all__ = [
     "WorkerPoolFullError",
     "WorkerPoolStoppedError",
     "get_default_pool",
+    "run_in_worker",
     "set_trace_enabled",
     "trace_enabled",
 ]
@@ -520,3 +521,22 @@ class Task(Generic[T]):
         if self._cancelled:
             state += ",cancelled"
         return f"<Task {id(self):#x} {state} source={self._source!r}>"
+
+
+def run_in_worker(
+    fn: Callable[..., T], *args: Any, reactor: Any = None, pool: WorkerPool | None = None
+) -> Deferred[T]:
+    """Run ``fn(*args)`` in the worker pool as a :class:`Task`; fires in the reactor thread.
+
+    The one-liner for "do this blocking thing off the reactor": the Deferred
+    fires with ``fn``'s return value or fails with what it raised.  Cancelling
+    it cancels the task (a queued call never starts; a running one's result is
+    dropped).
+    """
+
+    def worker(task: Task[T], _opaque: object) -> None:
+        task.set_result(fn(*args))
+
+    task: Task[T] = Task(None, reactor=reactor, pool=pool)
+    task.run_in_thread(worker)
+    return task.deferred

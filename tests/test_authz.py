@@ -609,3 +609,10 @@ def test_qemu_authz_sees_dn_string_and_agrees_with_our_rules(pki: TestPKI, tmp_p
     assert f"TLS x509 authz check for {identity} is denied" in text
     verdicts = [v for _, v in _authz_verdicts(log, len(cases), time.monotonic())]
     assert verdicts == [False, False, False, True]
+
+
+@pytest.mark.parametrize("value", ["0\x00", "0\x00a", "\x00", "ab\x00\x00"])
+def test_dn_string_bmp_nul_handling_equals_gnutls(value: str) -> None:
+    """Found by hypothesis: GnuTLS drops one trailing NUL of a BMPString."""
+    cert = _self_signed(_name([A(NameOID.COMMON_NAME, value, T.BMPString)]))
+    assert dn_string(cert) == gnutls_get_dn(cert)

@@ -186,6 +186,11 @@ def _decode_string(tag: int, content: bytes) -> str | None:
     try:
         if tag == _BMP:
             text = content.decode("utf-16-be")
+            # GnuTLS's UCS-2 conversion drops one trailing NUL character (it
+            # reads it as a terminator): "0\x00" prints as "0", while "\x00"
+            # and "ab\x00\x00" still print as hex (checked against libgnutls).
+            if len(text) > 1 and text.endswith("\x00"):
+                text = text[:-1]
         elif tag in (_UTF8, _PRINTABLE, _IA5, _NUMERIC, _OCTET):
             text = content.decode("utf-8")
         else:

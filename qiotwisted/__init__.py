@@ -1,6 +1,14 @@
 """qiotwisted: QEMU's I/O layer on Twisted, and QEMU live-migration endpoints."""
 
-from .channel import BufferChannel, Channel, Condition, Feature, Shutdown, SocketChannel
+from .channel import (
+    BufferChannel,
+    Channel,
+    Condition,
+    Feature,
+    Shutdown,
+    SocketChannel,
+    TLSChannel,
+)
 from .coroutine import (
     CoMutex,
     CoQueue,
@@ -39,6 +47,7 @@ __all__ = [
     "Resolver",
     "Shutdown",
     "SocketChannel",
+    "TLSChannel",
     "Task",
     "TaskCancelledError",
     "co_sleep",

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import settings
 from twisted.internet import defer, task
 
 DEFAULT_TIMEOUT_S = 10.0
+
+# Property tests: no per-example deadline (this 2-core machine is shared and
+# swings), and in CI a derandomized run, so a red CI is reproducible.
+settings.register_profile("default", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, database=None)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 def _reactor() -> Any:

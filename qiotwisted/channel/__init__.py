@@ -14,9 +14,11 @@ from .file import FileChannel, FileMode
 from .null import NullChannel
 from .pipe import PipeChannel, pipe_pair
 from .socket import MAX_FDS, SocketChannel, SocketProtocol
+from .tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSChannel, TLSHandshakeError
 from .util import channel_new_fd
 
 __all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
     "MAX_FDS",
     "WOULD_BLOCK",
     "BufferChannel",
@@ -35,6 +37,8 @@ __all__ = [
     "SocketAddress",
     "SocketChannel",
     "SocketProtocol",
+    "TLSChannel",
+    "TLSHandshakeError",
     "UnixSocketAddress",
     "Watch",
     "WouldBlock",

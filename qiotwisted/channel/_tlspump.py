@@ -160,14 +160,19 @@ class TLSPump:
             self.eof_fed = True
         self.needs_input = False
 
-    def take_output(self) -> bytes:
-        """All ciphertext waiting to be sent, or ``b""``."""
+    def take_output(self, size_hint: int = 0) -> bytes:
+        """All ciphertext waiting to be sent, or ``b""``.
+
+        *size_hint*: how much there probably is; one ``bio_read`` of that size
+        (plus slack) then takes it all without joining pieces.
+        """
         conn = self._conn
+        want = size_hint + 1024 if size_hint > _DRAIN else _DRAIN
         try:
-            first = conn.bio_read(_DRAIN)
+            first = conn.bio_read(want)
         except SSL.WantReadError:
             return b""
-        if len(first) < _DRAIN:
+        if len(first) < want:
             return first
         parts = [first]
         for _ in range(1 << 16):  # bounded: each round takes _DRAIN bytes

@@ -2,8 +2,9 @@
 
 A :class:`TLSChannel` wraps a *master* channel (a socket, an in-memory pair, a
 command, another TLS channel...) and speaks TLS over it through the master's
-non-blocking primitives (``read_nowait``/``write_nowait``) and ``wait``.  The
-TLS engine is the sans-IO :class:`~qiotwisted.channel._tlspump.TLSPump`; this
+non-blocking primitives (``read_nowait``/``write_nowait``), a pending
+``read()`` and ``wait(OUT)``; the master belongs to the TLS channel from then
+on.  The TLS engine is the sans-IO :class:`~qiotwisted.channel._tlspump.TLSPump`; this
 module only moves bytes between it and the master and decides when.
 
 Life of a channel, as in QEMU::
@@ -28,7 +29,10 @@ QEMU's rules, kept here:
   words: "The certificate has expired", "The certificate is not yet
   activated", "The certificate hasn't got a known issuer", "The certificate
   is not trusted".  A failed handshake makes every later read and write
-  raise its error, so a refused peer's bytes are never delivered.
+  raise its error, so a refused peer's bytes are never delivered.  With
+  TLS 1.3 a client's handshake completes before the server has checked the
+  client's certificate (as with GnuTLS): a refusal reaches the client as an
+  alert on its first read.
 * Not in QEMU: a handshake timeout (default :data:`DEFAULT_HANDSHAKE_TIMEOUT`,
   ``handshake_timeout=`` on the constructors or ``timeout=`` on
   :meth:`~TLSChannel.handshake`; ``None`` disables it).  A peer that stalls
@@ -49,13 +53,15 @@ Readiness and memory.  ``IN`` holds while decrypted or not-yet-decrypted
 records are buffered (``Connection.pending()`` and whole records still in the
 memory BIO) or the master is readable; ``OUT`` holds when no ciphertext is
 waiting for the master and the master is writable.  Ciphertext is pulled from
-the master only when OpenSSL needs more to make progress, so the input side
-holds at most one master chunk beyond what the master itself buffers (and the
-master's own high-water mark keeps applying).  A write encrypts at most
-:data:`MAX_WRITE` bytes, and only when the master can take data; ciphertext
-the master refuses is kept in a single buffer that is flushed as soon as the
-master is writable (even if nobody writes again), and no plaintext is
-accepted until it has gone.
+the master only when OpenSSL needs more to make progress (a pending
+``master.read()``, so a socket master hands each chunk over directly), so the
+input side holds at most one master chunk beyond what the master itself
+buffers, and the master's own high-water mark keeps applying.  A write
+encrypts at most :data:`MAX_WRITE` bytes, and only when the master can take
+data; ciphertext the master refuses is kept in a single buffer that is
+flushed as soon as the master is writable (even if nobody writes again), and
+no plaintext is accepted until it has gone.  A read returns what has been
+decrypted up to the size asked for, joined into one ``bytes``.
 
 TLS versions: the creds' ``priority`` (see :func:`qiotwisted.crypto.parse_priority`)
 decides, with TLS 1.2 as the floor.  **Session tickets** (``qemu-interop.md``
@@ -104,7 +110,7 @@ from ._base import (
     Shutdown,
     WouldBlock,
 )
-from ._tlspump import EOFKind, TLSError, TLSPump, VerifyFailure
+from ._tlspump import MAX_RECORD, EOFKind, TLSError, TLSPump, VerifyFailure
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -129,6 +135,11 @@ _IN, _OUT, _ERR, _HUP = (
     int(c) for c in (Condition.IN, Condition.OUT, Condition.ERR, Condition.HUP)
 )
 _IN_HUP_ERR: Final = _IN | _HUP | _ERR
+#: More than a record adds to its plaintext (TLS 1.2 GCM: 29 bytes, 1.3: 22;
+#: CBC-SHA384 with padding: under 70): sizes the ciphertext read in one go.
+_RECORD_OVERHEAD: Final = 96
+_SHUT_RD: Final = int(Shutdown.READ)
+_SHUT_WR: Final = int(Shutdown.WRITE)
 
 _PREMATURE: Final = "The TLS connection was non-properly terminated."
 
@@ -227,20 +238,24 @@ class TLSChannel(Channel):
         self._error: ChannelError | None = None  # why the handshake failed
         self._read_error: ChannelError | None = None  # sticky: a fatal alert or bad record
         self._write_error: ChannelError | None = None  # sticky: the master refused ciphertext
-        self._master_error: BaseException | None = None  # a wait on the master failed
+        self._feed_error: BaseException | None = None  # reading ciphertext from the master failed
         # Ciphertext the master has not taken yet (at most one buffer).
         self._out: bytes | memoryview | None = None
-        # The pending waits on the master (a Deferred, or a DelayedCall when
-        # the master was ready at once and the wake-up was put on the next turn).
-        self._rd_wait: Any = None
+        # The pending master.read() (a Deferred), the pending master.wait(OUT)
+        # (a Deferred, or a DelayedCall when the master was writable at once),
+        # and a wake-up put on the next reactor turn.
+        self._rd_wait: Deferred[bytes] | None = None
         self._wr_wait: Any = None
+        self._kick_call: Any = None
         self._hs_task: Task[TLSChannel] | None = None
         self._hs_timer: Any = None
         self._hs_call: Any = None
         self._bye_task: Task[None] | None = None
         self._bye_started = False
-        self._shut = Shutdown(0)
-        self._master_shut_pending = Shutdown(0)
+        # Shutdown bits as plain ints: tested on every read and write, and
+        # IntFlag arithmetic builds a new enum member each time.
+        self._shut = 0
+        self._master_shut_pending = 0
 
     # ---- constructors -----------------------------------------------------------------
 
@@ -397,7 +412,15 @@ class TLSChannel(Channel):
         )
         if limit is not None:
             self._hs_timer = self.reactor.callLater(limit, self._handshake_timed_out, limit)
-        self._handshake_step()
+        if (
+            self.is_server
+            and not int(self.master.condition()) & _IN_HUP_ERR
+            and not self._arm_read()
+        ):
+            # A server speaks second: nothing to do until the ClientHello comes.
+            self._trace_pending(_Status.RECVING)
+        else:
+            self._handshake_step()
         return task
 
     def _handshake_step(self) -> None:
@@ -425,8 +448,9 @@ class TLSChannel(Channel):
                 if not self._flush_out():
                     self._trace_pending(_Status.SENDING)
                     return
+                if self._arm_read():
+                    continue  # the master had something after all
                 self._trace_pending(_Status.RECVING)
-                self._arm_read()
                 return
         except TLSError as exc:
             self._handshake_failed(self._translate_handshake_error(exc), send_alert=True)
@@ -641,8 +665,13 @@ class TLSChannel(Channel):
                     got += pump.decrypt(parts, nbytes - got)
                     if got >= nbytes or pump.eof is not None:
                         break
-                if not self._feed():
+                # Whoever gets WOULD_BLOCK will wait: arm the master so it
+                # wakes us (unless it answers at once; returning data needs no arm).
+                if not self._feed() and (got or not self._arm_read()):
                     break
+            else:
+                # The master keeps trickling partial records: go on next turn.
+                self._kick()
         except TLSError as exc:
             self._read_error = ChannelError(f"Cannot read from TLS channel: {exc}")
             self._flush_quietly()  # the alert OpenSSL may have queued
@@ -654,23 +683,26 @@ class TLSChannel(Channel):
                 return b"".join(parts)
             raise ChannelError(f"Cannot read from TLS channel: {exc}") from exc
         if got:
-            # Post-handshake messages (a TLS 1.3 KeyUpdate) may need an answer.
-            self._flush_quietly()
             return parts[0] if len(parts) == 1 else b"".join(parts)
         eof = pump.eof
         if eof is None:
-            # Whoever gets WOULD_BLOCK will wait: make sure the master wakes us.
-            self._arm_read()
             return WOULD_BLOCK
-        if eof is EOFKind.CLEAN or self.relaxed_eof or self._shut & Shutdown.READ:
+        if eof is EOFKind.CLEAN or self.relaxed_eof or self._shut & _SHUT_RD:
             return b""
         raise ChannelError(f"Cannot read from TLS channel: {_PREMATURE}")
 
     def _feed(self) -> bool:
-        """Move one chunk of ciphertext from the master into the pump; False if none."""
+        """Move one chunk of ciphertext from the master into the pump; False if none.
+
+        Raises the master's :class:`ChannelError`, also one that a background
+        read (:meth:`_arm_read`) met.
+        """
         pump = self._pump
         if pump.eof_fed:
             return False
+        if self._feed_error is not None:
+            err = self._feed_error
+            raise err if isinstance(err, ChannelError) else ChannelError(str(err))
         data = self.master.read_nowait(_FEED)
         if data is WOULD_BLOCK:
             return False
@@ -684,7 +716,7 @@ class TLSChannel(Channel):
             raise self._write_error
         if self._bye_started:
             raise ChannelError("Cannot write to TLS channel: the session was terminated (bye)")
-        if self._shut & Shutdown.WRITE:
+        if self._shut & _SHUT_WR:
             raise ChannelError("Cannot write to TLS channel: Broken pipe")
         if self._out is not None and not self._flush_out():
             return WOULD_BLOCK
@@ -696,7 +728,7 @@ class TLSChannel(Channel):
         pump = self._pump
         try:
             n = pump.encrypt_chunks(chunks, MAX_WRITE)
-            data = pump.take_output()
+            data = pump.take_output(n + _RECORD_OVERHEAD * (n // MAX_RECORD + 1))
         except TLSError as exc:
             self._write_error = ChannelError(f"Cannot write to TLS channel: {exc}")
             raise self._write_error from None
@@ -720,8 +752,6 @@ class TLSChannel(Channel):
             if state is _State.HANDSHAKING:
                 return _CONDITIONS[0]  # the handshake drives the master meanwhile
             return _CONDITIONS[_IN | _OUT | _ERR]  # I/O raises: let waiters find out
-        if self._master_error is not None:
-            return _CONDITIONS[_IN | _OUT | _ERR]
         master = self.master
         mcond = int(master.condition())
         pump = self._pump
@@ -729,18 +759,18 @@ class TLSChannel(Channel):
         if (
             mcond & _IN_HUP_ERR
             or not pump.needs_input
-            or pump.eof is not None
+            or pump.eof_fed
             or self._read_error is not None
+            or self._feed_error is not None
+            # Somebody is asking whether to wait: make sure we learn when the
+            # master has ciphertext (a no-op if a read is pending already).
+            or self._arm_read()
         ):
             bits |= _IN
-        else:
-            # Somebody is asking whether to wait: make sure we learn when the
-            # master has ciphertext (the arm is a no-op if one is pending).
-            self._arm_read()
         if (
             self._write_error is not None
             or self._bye_started
-            or self._shut & Shutdown.WRITE
+            or self._shut & _SHUT_WR
             or (self._out is None and mcond & _OUT)
         ):
             bits |= _OUT
@@ -749,12 +779,12 @@ class TLSChannel(Channel):
         return _CONDITIONS[bits]
 
     def _io_shutdown(self, how: Shutdown) -> None:
-        self._shut |= how
-        master_how = how
-        if how & Shutdown.WRITE and self._out is not None:
+        self._shut |= int(how)
+        master_how = int(how)
+        if master_how & _SHUT_WR and self._out is not None:
             # Shut the master's write side only once our ciphertext has left.
-            self._master_shut_pending |= Shutdown.WRITE
-            master_how &= ~Shutdown.WRITE
+            self._master_shut_pending |= _SHUT_WR
+            master_how &= ~_SHUT_WR
         if master_how:
             self.master.shutdown(Shutdown(master_how))
 
@@ -846,52 +876,97 @@ class TLSChannel(Channel):
 
     # ---- waiting on the master ----------------------------------------------------------------
 
-    def _arm_read(self) -> None:
-        if self._rd_wait is not None or self._closed or self._master_error is not None:
-            return
-        d = self.master.wait(Condition.IN)
-        if d.called:
-            self._rd_wait = self._later(d, self._on_master_readable)
-        else:
+    def _arm_read(self) -> bool:
+        """Ask the master for ciphertext in the background; True if it answered at once.
+
+        A pending ``master.read()`` rather than a wait: a socket master hands
+        a parked read its chunk directly, one Deferred per wake-up.  At most
+        one read is pending, and one is armed only when OpenSSL needs more
+        (someone got WOULD_BLOCK or asked whether to wait), so the pump holds
+        at most one master chunk.  An immediate answer (data, EOF or an
+        error) is fed or recorded here and no wake-up is sent: the caller is
+        about to look again.
+        """
+        if (
+            self._rd_wait is not None
+            or self._closed
+            or self._feed_error is not None
+            or self._pump.eof_fed
+        ):
+            return False
+        d = self.master.read(_FEED)
+        if not d.called:
             self._rd_wait = d
-            d.addCallbacks(self._on_master_readable, self._on_master_failed)
-
-    def _arm_write(self) -> None:
-        if self._wr_wait is not None or self._closed or self._master_error is not None:
-            return
-        d = self.master.wait(Condition.OUT)
-        if d.called:
-            self._wr_wait = self._later(d, self._on_master_writable)
-        else:
-            self._wr_wait = d
-            d.addCallbacks(self._on_master_writable, self._on_master_failed)
-
-    def _later(self, d: Deferred[Condition], then: Callable[[object], None]) -> Any:
-        """The master was ready (or failed) at once: act on the next turn, never re-entrantly."""
+            d.addCallbacks(self._on_master_data, self._on_master_read_failed)
+            return False
         box: list[object] = []
         d.addBoth(box.append)
-        outcome = box[0] if box else None
+        outcome = box[0]
         if isinstance(outcome, Failure):
-            return self.reactor.callLater(0, self._on_master_failed, outcome)
-        return self.reactor.callLater(0, then, outcome)
+            self._feed_error = outcome.value
+        else:
+            assert isinstance(outcome, bytes)
+            self._pump.feed(outcome)
+        return True
+
+    def _arm_write(self) -> None:
+        if self._wr_wait is not None or self._closed or self._write_error is not None:
+            return
+        d = self.master.wait(Condition.OUT)
+        if not d.called:
+            self._wr_wait = d
+            d.addCallbacks(self._on_master_writable, self._on_master_write_failed)
+            return
+        box: list[object] = []
+        d.addBoth(box.append)
+        if isinstance(box[0], Failure):
+            self._write_error = ChannelError(f"Cannot write to TLS channel: {box[0].value}")
+        else:
+            # Writable at once: act on the next turn, never re-entrantly.
+            self._wr_wait = self.reactor.callLater(0, self._on_master_writable, box[0])
+
+    def _kick(self) -> None:
+        """Re-check readiness on the next reactor turn."""
+        if self._kick_call is None and not self._closed:
+            self._kick_call = self.reactor.callLater(0, self._kicked)
+
+    def _kicked(self) -> None:
+        self._kick_call = None
+        if not self._closed:
+            self._ready_changed()
 
     def _cancel_master_waits(self) -> None:
-        for attr in ("_rd_wait", "_wr_wait"):
-            w = getattr(self, attr)
-            setattr(self, attr, None)
-            if w is None:
-                continue
-            if isinstance(w, Deferred):
-                w.cancel()
-            elif w.active():
-                w.cancel()
+        kick, self._kick_call = self._kick_call, None
+        if kick is not None and kick.active():
+            kick.cancel()
+        rd, self._rd_wait = self._rd_wait, None
+        if rd is not None:
+            rd.cancel()
+        wr, self._wr_wait = self._wr_wait, None
+        if wr is not None and (isinstance(wr, Deferred) or wr.active()):
+            wr.cancel()
 
-    def _on_master_readable(self, _: object) -> None:
+    def _on_master_data(self, data: bytes) -> None:
         self._rd_wait = None
         if self._closed:
             return
+        self._pump.feed(data)
         if self._state is _State.HANDSHAKING:
             self._handshake_step()
+        else:
+            self._ready_changed()
+
+    def _on_master_read_failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return  # we cancelled it
+        self._rd_wait = None
+        if self._closed:
+            return
+        self._feed_error = failure.value
+        if self._state is _State.HANDSHAKING:
+            self._handshake_failed(
+                TLSHandshakeError(f"TLS handshake failed: {failure.getErrorMessage()}")
+            )
         else:
             self._ready_changed()
 
@@ -910,9 +985,9 @@ class TLSChannel(Channel):
             self._handshake_step()
             return
         if flushed and self._master_shut_pending:
-            how, self._master_shut_pending = self._master_shut_pending, Shutdown(0)
+            how, self._master_shut_pending = self._master_shut_pending, 0
             try:
-                self.master.shutdown(how)
+                self.master.shutdown(Shutdown(how))
             except ChannelError as exc:
                 self.log.error(
                     "deferred shutdown of {master!r} failed: {error}", master=self.master,
@@ -921,21 +996,18 @@ class TLSChannel(Channel):
         self._bye_progress()
         self._ready_changed()
 
-    def _on_master_failed(self, failure: Failure) -> None:
+    def _on_master_write_failed(self, failure: Failure) -> None:
         if failure.check(CancelledError):
             return  # we cancelled it
-        self._rd_wait = self._wr_wait = None
+        self._wr_wait = None
         if self._closed:
             return
-        self._master_error = failure.value
-        error = ChannelError(f"TLS master channel failed: {failure.getErrorMessage()}")
+        error = ChannelError(f"Cannot write to TLS channel: {failure.getErrorMessage()}")
         if self._state is _State.HANDSHAKING:
             self._handshake_failed(TLSHandshakeError(f"TLS handshake failed: {error}"))
             return
         if self._write_error is None:
             self._write_error = error
-        if self._read_error is None:
-            self._read_error = error
         self._bye_progress()
         self._ready_changed()
 

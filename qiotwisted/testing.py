@@ -4,6 +4,10 @@ Sections:
 
 * **Workers** — :class:`MemoryWorkerPool`, a step-able stand-in for the
   thread pool behind :meth:`qiotwisted.task.Task.run_in_thread`.
+* **Channels** — :func:`channel_pair`, two connected in-memory channels whose
+  bytes cross only when the test calls :meth:`ChannelPair.pump`.
+* **Listeners** — :class:`MemoryNetListener`, a NetListener stand-in whose
+  clients are delivered when the test advances a ``task.Clock``.
 
 Everything here runs in the calling thread and does nothing by itself: the test
 decides when each queued job runs (:meth:`MemoryWorkerPool.perform`) and when
@@ -14,13 +18,25 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from ._pool import WorkerPoolFullError, WorkerPoolStoppedError
+from .channel._base import WOULD_BLOCK, Buffer, Condition, Shutdown, WouldBlock
+from .channel.pipe import PipeChannel
+from .errors import ChannelError
 
-__all__ = ["JobState", "MemoryJobHandle", "MemoryWorkerPool"]
+__all__ = [
+    "ChannelPair",
+    "JobState",
+    "MemoryJobHandle",
+    "MemoryNetListener",
+    "MemoryWorkerPool",
+    "channel_pair",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -203,3 +219,175 @@ class MemoryWorkerPool:
 
     def __repr__(self) -> str:
         return f"<MemoryWorkerPool queued={len(self._queue)} calls={len(self._calls)}>"
+
+
+# ---------------------------------------------------------------------------
+# Channels
+# ---------------------------------------------------------------------------
+
+
+class _PumpedEnd(PipeChannel):
+    """A pipe end whose writes wait in an outbox until :meth:`ChannelPair.pump`."""
+
+    def __init__(self, incoming: Any, outgoing: Any, *, reactor: Any, name: str | None) -> None:
+        super().__init__(incoming, outgoing, reactor=reactor, name=name)
+        self.outbox: deque[bytes] = deque()
+        self.outbox_size = 0
+        self.eof_pending = False
+
+    def _io_write(self, chunks: Sequence[Buffer], fds: Sequence[int]) -> int | WouldBlock:
+        if self._out.eof or self.eof_pending:
+            raise ChannelError("Unable to write to pipe: Broken pipe")
+        room = self._out.capacity - self.outbox_size
+        if room <= 0:
+            return WOULD_BLOCK
+        taken = 0
+        for c in chunks:
+            if taken >= room:
+                break
+            b = bytes(c[: room - taken])
+            if b:
+                self.outbox.append(b)
+                taken += len(b)
+        self.outbox_size += taken
+        return taken
+
+    def _io_condition(self) -> Condition:
+        cond = super()._io_condition()
+        if self.outbox_size >= self._out.capacity:
+            cond &= ~Condition.OUT
+        return cond
+
+    def _io_shutdown(self, how: Shutdown) -> None:
+        if how & Shutdown.WRITE:
+            self.eof_pending = True
+        if how & Shutdown.READ:
+            super()._io_shutdown(Shutdown.READ)
+
+    def _io_close(self) -> Deferred[None] | None:
+        self.eof_pending = True
+        return None
+
+    def _deliver(self) -> int:
+        """Move the outbox to the peer, as far as its capacity allows; bytes moved."""
+        moved = 0
+        d = self._out
+        while self.outbox and d.size < d.capacity:
+            chunk = self.outbox.popleft()
+            room = d.capacity - d.size
+            if len(chunk) > room:
+                self.outbox.appendleft(chunk[room:])
+                chunk = chunk[:room]
+            d.chunks.append(chunk)
+            d.size += len(chunk)
+            self.outbox_size -= len(chunk)
+            moved += len(chunk)
+        if not self.outbox and self.eof_pending and not d.eof:
+            d.eof = True
+            moved += 1  # progress: the EOF crossed
+        if moved:
+            if self.peer is not None:
+                self.peer._ready_changed()
+            self._ready_changed()
+        return moved
+
+
+class ChannelPair:
+    """Two connected in-memory channels, ``client`` and ``server``, pumped by the test.
+
+    Writes land in the writer's outbox (up to *capacity* bytes, then
+    WOULD_BLOCK); :meth:`pump` moves them across until nothing moves, so a
+    test decides exactly when each side sees the other's bytes, EOF included.
+    """
+
+    def __init__(self, *, capacity: int = 64 * 1024, reactor: Any = None) -> None:
+        from .channel.pipe import _Direction
+
+        c2s, s2c = _Direction(capacity), _Direction(capacity)
+        self.client = _PumpedEnd(s2c, c2s, reactor=reactor, name="client")
+        self.server = _PumpedEnd(c2s, s2c, reactor=reactor, name="server")
+        self.client.peer, self.server.peer = self.server, self.client
+
+    def pump(self, *, max_rounds: int = 10_000) -> int:
+        """Deliver pending bytes both ways until nothing moves; return the bytes moved."""
+        total = 0
+        for _ in range(max_rounds):
+            moved = self.client._deliver() + self.server._deliver()
+            if not moved:
+                return total
+            total += moved
+        raise RuntimeError(f"ChannelPair.pump: still moving after {max_rounds} rounds")
+
+
+def channel_pair(*, capacity: int = 64 * 1024, reactor: Any = None) -> ChannelPair:
+    """A :class:`ChannelPair`; watches and ``wait()`` schedule on *reactor* (a Clock is fine)."""
+    return ChannelPair(capacity=capacity, reactor=reactor)
+
+
+# ---------------------------------------------------------------------------
+# Listeners
+# ---------------------------------------------------------------------------
+
+
+class MemoryNetListener:
+    """A stand-in for :class:`qiotwisted.NetListener` with no sockets.
+
+    :meth:`connect` makes an in-memory connection and returns the client's
+    channel; the server's end reaches the client func (or a pending
+    :meth:`wait_client`) when the test advances *clock* (``clock.advance(0)``),
+    as a real accept would on the next reactor turn.
+    """
+
+    def __init__(self, clock: Any, *, name: str | None = None, capacity: int = 64 * 1024) -> None:
+        self.clock = clock
+        self.name = name
+        self.connected = True
+        self.capacity = capacity
+        self._func: Callable[..., object] | None = None
+        self._data: Any = None
+        self._notify: Callable[[Any], object] | None = None
+        self._waiters: deque[Deferred[Any]] = deque()
+        self.pairs: list[ChannelPair] = []
+
+    def set_client_func(
+        self,
+        func: Callable[..., object] | None,
+        data: Any = None,
+        notify: Callable[[Any], object] | None = None,
+    ) -> None:
+        old_notify, old_data = self._notify, self._data
+        self._func, self._data, self._notify = func, data, notify
+        if old_notify is not None:
+            old_notify(old_data)
+
+    def wait_client(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred(self._waiters.remove)
+        self._waiters.append(d)
+        return d
+
+    def connect(self) -> ChannelPair:
+        """Open a connection; the server end is delivered on the clock's next turn."""
+        if not self.connected:
+            raise ChannelError("Connection refused")
+        pair = ChannelPair(capacity=self.capacity, reactor=self.clock)
+        pair.server.name = self.name
+        self.pairs.append(pair)
+        self.clock.callLater(0, self._deliver, pair)
+        return pair
+
+    def _deliver(self, pair: ChannelPair) -> None:
+        if self._waiters:
+            self._waiters.popleft().callback(pair.server)
+        elif self._func is not None and self.connected:
+            self._func(self, pair.server, self._data)
+        else:
+            pair.server.close()
+
+    def disconnect(self) -> Deferred[None]:
+        self.connected = False
+        while self._waiters:
+            self._waiters.popleft().errback(ChannelError("Listener disconnected"))
+        notify, self._notify = self._notify, None
+        if notify is not None:
+            notify(self._data)
+        return succeed(None)

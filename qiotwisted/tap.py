@@ -54,6 +54,8 @@ class _ServerOptions(usage.Options):
         self["tls-authz"].append(glob)
 
     def postOptions(self) -> None:
+        if isinstance(self["min-free-space"], str):  # the default is not coerced
+            self["min-free-space"] = _size(self["min-free-space"])
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if self["tls-authz"] and not self["tls-creds"]:
@@ -61,6 +63,104 @@ class _ServerOptions(usage.Options):
         if self["no-verify-peer"] and self["tls-authz"]:
             raise usage.UsageError("--tls-authz needs client certificates: drop --no-verify-peer")
 
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError(f"must not be negative: {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must not be negative: {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1: {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    from .migration.limits import parse_size
+
+    return parse_size(text)
+
+
+# Limits every service applies, with safe defaults (see qiotwisted/migration/limits.py).
+# 0 turns a limit off.  Coercers run at parse time, so a bad value is a usage error.
+_LIMIT_PARAMETERS: list[list[Any]] = [
+    [
+        "handshake-timeout",
+        None,
+        10.0,
+        "Seconds a new connection has to identify itself: its TLS handshake, then (timed "
+        "separately) its first bytes, the migration magic (multifd: its 64-byte init "
+        "packet). A connection that stays silent is closed. 0: no limit.",
+        _seconds,
+    ],
+    [
+        "idle-timeout",
+        None,
+        60.0,
+        "Seconds a channel may send nothing before it is closed; its session is then "
+        "filed incomplete with that reason. 0: no limit.",
+        _seconds,
+    ],
+    [
+        "max-connections",
+        None,
+        256,
+        "Connections open at once, all peers together; more are closed at once "
+        "(nothing is written to them) with a log line. 0: no limit.",
+        _count,
+    ],
+    [
+        "max-connections-per-peer",
+        None,
+        64,
+        "Connections open at once from one address (a multifd migration uses 1 + "
+        "multifd-channels). 0: no limit.",
+        _count,
+    ],
+    [
+        "max-sessions",
+        None,
+        8,
+        "Migrations recorded at once (proxy: by --record); channels of a further one "
+        "are refused. 0: no limit.",
+        _count,
+    ],
+    [
+        "min-free-space",
+        None,
+        "1G",
+        "Free space to keep on the output filesystem (bytes, or with K/M/G/T): below it "
+        "no session starts, and running ones are stopped and filed incomplete "
+        "('disk nearly full'). Checked at each session start and every 5 s. 0: no check.",
+        _size,
+    ],
+    [
+        "workers",
+        None,
+        8,
+        "Worker threads for the service's disk writes, hashing and connects.",
+        _positive,
+    ],
+    [
+        "max-queued-jobs",
+        None,
+        1024,
+        "Jobs that may wait for a worker thread; beyond that work is refused with an "
+        "error (the session it belongs to is filed incomplete) instead of queued "
+        "without end. 0: no limit.",
+        _count,
+    ],
+]
 
 _TLS_PARAMETERS: list[list[Any]] = [
     [
@@ -77,7 +177,6 @@ _TLS_PARAMETERS: list[list[Any]] = [
         "GnuTLS-style priority for the TLS server [default: @QIO-TLS1.2, TLS 1.2 only: "
         "a TLS 1.3 server's session tickets make a QEMU 7.2 source lose the end of its stream].",
     ],
-    ["handshake-timeout", None, 10.0, "Seconds a TLS handshake may take.", float],
 ]
 
 
@@ -93,11 +192,13 @@ class RecordOptions(_ServerOptions):
         [
             "classify-timeout",
             None,
-            60.0,
-            "Seconds a new connection may take to send its first 4 bytes.",
-            float,
+            None,
+            "Deprecated: seconds a connection may take to send its migration magic, "
+            "overriding --handshake-timeout for that step only.",
+            _seconds,
         ],
         *_TLS_PARAMETERS,
+        *_LIMIT_PARAMETERS,
     ]
 
 
@@ -114,6 +215,7 @@ class ProxyOptions(_ServerOptions):
         ["to-tls-hostname", None, None, "Name to verify in the destination's certificate."],
         ["record", None, None, "Also record each migration as a session in this directory."],
         *_TLS_PARAMETERS,
+        *_LIMIT_PARAMETERS,
     ]
 
     def postOptions(self) -> None:
@@ -135,7 +237,14 @@ class Options(usage.Options):
 
 
 class _StopService(service.Service):
-    """Starts TLS credential loads; on stop, ends what is in flight before the process exits."""
+    """Starts TLS credential loads and the target; on stop, ends what is in flight.
+
+    At start the target (recorder or proxy) takes its output directory and
+    files what a killed predecessor left there (``.incoming-*`` sessions, as
+    incomplete); failing that (another recorder holds the directory) stops
+    the process with a critical log line.  At stop (SIGTERM) the target
+    closes every open session as incomplete before the reactor stops.
+    """
 
     log = Logger()
 
@@ -148,12 +257,13 @@ class _StopService(service.Service):
     def startService(self) -> None:
         super().startService()
         for up in self.upgrades:
-            up.start().addErrback(self._fatal)
+            up.start().addErrback(self._fatal, "cannot load TLS credentials")
+        self.target.start().addErrback(self._fatal, "cannot start")
         # Logged once the reactor runs (and twistd's signal handlers are in place).
         self.reactor.callWhenRunning(self.log.info, "qio {what}", what=self.what)
 
-    def _fatal(self, failure: Any) -> None:
-        self.log.critical("cannot load TLS credentials: {error}", error=failure.value)
+    def _fatal(self, failure: Any, what: str) -> None:
+        self.log.critical("{what}: {error}", what=what, error=failure.value)
         from twisted.internet.error import ReactorNotRunning
 
         try:
@@ -165,6 +275,19 @@ class _StopService(service.Service):
         super().stopService()
         result: Deferred[None] = self.target.stop()
         return result
+
+
+def _limits(opts: usage.Options) -> Any:
+    from .migration.limits import Limits
+
+    return Limits(
+        handshake_timeout=opts["handshake-timeout"],
+        idle_timeout=opts["idle-timeout"],
+        max_connections=opts["max-connections"],
+        max_connections_per_peer=opts["max-connections-per-peer"],
+        max_sessions=opts["max-sessions"],
+        min_free_space=opts["min-free-space"],
+    )
 
 
 def _server_tls(opts: usage.Options, reactor: Any) -> Any:
@@ -179,7 +302,7 @@ def _server_tls(opts: usage.Options, reactor: Any) -> Any:
         verify_peer=not opts["no-verify-peer"],
         priority=opts["tls-priority"] or PRIORITY_QEMU_RECEIVER,
         authz_globs=opts["tls-authz"],
-        handshake_timeout=opts["handshake-timeout"],
+        handshake_timeout=opts["handshake-timeout"] or None,
         reactor=reactor,
     )
 
@@ -189,6 +312,7 @@ def makeService(options: Options) -> service.IService:
     # parsing options, before --reactor has installed the reactor.
     from twisted.internet import reactor
 
+    from ._pool import ThreadWorkerPool
     from .listener import NetListener, NetListenerService
     from .migration.recorder import Recorder
 
@@ -198,14 +322,24 @@ def makeService(options: Options) -> service.IService:
         sub = RecordOptions()
         sub.parseOptions([])
     top = service.MultiService()
+    limits = _limits(sub)
+    # One bounded pool for the service's disk, hashing and connect work: a
+    # flood of work is refused (WorkerPoolFullError) rather than queued without end.
+    pool = ThreadWorkerPool(reactor, size=sub["workers"], max_queued=sub["max-queued-jobs"] or None)
     server_tls = _server_tls(sub, reactor)
     upgrades = [u for u in [server_tls] if u is not None]
     if command == "record":
         target: Any = Recorder(
-            Path(sub["output"]), classify_timeout=sub["classify-timeout"], tls=server_tls
+            Path(sub["output"]),
+            classify_timeout=sub["classify-timeout"],
+            tls=server_tls,
+            limits=limits,
+            pool=pool,
         )
         what = f"record ready: sessions go to {target.output}"
     else:
+        from dataclasses import replace
+
         from .migration._tlsup import TLSUpgrade
         from .migration.proxy import Proxy
 
@@ -217,12 +351,23 @@ def makeService(options: Options) -> service.IService:
                 Path(sub["to-tls-creds"]),
                 endpoint="client",
                 hostname=sub["to-tls-hostname"] or _host_of(sub["to"]),
-                handshake_timeout=sub["handshake-timeout"],
+                handshake_timeout=sub["handshake-timeout"] or None,
                 reactor=reactor,
             )
             upgrades.append(client_tls)
-        recorder = Recorder(Path(sub["record"])) if sub["record"] else None
-        target = Proxy(sub["to"], server_tls=server_tls, client_tls=client_tls, recorder=recorder)
+        recorder = None
+        if sub["record"]:
+            # The proxy admits connections; its tap sees each one once more.
+            tap_limits = replace(limits, max_connections=0, max_connections_per_peer=0)
+            recorder = Recorder(Path(sub["record"]), limits=tap_limits, pool=pool)
+        target = Proxy(
+            sub["to"],
+            server_tls=server_tls,
+            client_tls=client_tls,
+            recorder=recorder,
+            limits=limits,
+            pool=pool,
+        )
         what = f"proxy ready: forwarding to {sub['to']}" + (
             f", recording to {sub['record']}" if recorder is not None else ""
         )

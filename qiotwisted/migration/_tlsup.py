@@ -32,7 +32,7 @@ class TLSUpgrade:
         priority: str | None = None,
         hostname: str | None = None,
         authz_globs: Sequence[str] = (),
-        handshake_timeout: float = 10.0,
+        handshake_timeout: float | None = 10.0,
         reactor: Any = None,
     ) -> None:
         self.directory = Path(directory)
@@ -102,7 +102,7 @@ class TLSUpgrade:
         from ..channel.tls import TLSChannel
 
         creds = await self._ready()
-        tls: Channel
+        tls: TLSChannel
         if self.endpoint == "server":
             tls = TLSChannel.new_server(
                 channel, creds, self.authz, handshake_timeout=self.handshake_timeout
@@ -112,5 +112,5 @@ class TLSUpgrade:
             tls = TLSChannel.new_client(
                 channel, creds, self.hostname, handshake_timeout=self.handshake_timeout
             )
-        await tls.handshake().deferred  # type: ignore[attr-defined]
+        await tls.handshake().deferred
         return tls

@@ -18,6 +18,7 @@ are the destination's.  Thread contract: reactor thread only.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,22 +29,87 @@ from .._address import AddressLike
 from .._pool import WorkerPool
 from ..channel import Channel, Shutdown, SocketChannel
 from ..channel.pipe import pipe_pair
-from .recorder import Recorder
+from . import wire
+from .limits import ConnectionLimiter, IdleWatchdog, Limits
+from .recorder import Recorder, _host, _is_timeout
 
 __all__ = ["Proxy"]
 
 READ_SIZE = 1024 * 1024
+# How much of the main stream's end is kept to judge, at the source's EOF,
+# whether the stream ended with QEMU's device description (98 KB for a pc).
+TAIL_KEEP = 1 << 20
+STOPPED_REASON = "the service stopped"
 Upgrade = Callable[[Channel], Deferred[Channel]]
 
 
 class _Group:
-    """The connections of one migration, as accepted: index 0 is main."""
+    """The connections of one migration, as accepted: index 0 is main.
+
+    A migration lives or dies whole (QEMU fails it when any channel fails), so
+    the first failure of any channel closes every other one: :meth:`fail`.
+    """
 
     def __init__(self) -> None:
         self.count = 0
         self.live = 0
         self.last_ready: Deferred[None] = succeed(None)
         self.main_started: Deferred[None] = Deferred()
+        self.channels: set[Channel] = set()
+        self.failed: str | None = None
+
+    def fail(self, reason: str, *, spare: tuple[Channel, ...] = ()) -> bool:
+        """Record the first *reason* and abort every channel but *spare*; False if not first."""
+        if self.failed is not None:
+            return False
+        self.failed = reason
+        for channel in list(self.channels):
+            if channel not in spare:
+                _abort(channel)
+        return True
+
+
+class _Tail:
+    """The last bytes of a stream, kept as the chunks that carried them (no copies)."""
+
+    def __init__(self, keep: int = TAIL_KEEP) -> None:
+        self.keep = keep
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        while len(self.chunks) > 1 and self.size - len(self.chunks[0]) >= self.keep:
+            self.size -= len(self.chunks.popleft())
+
+    def value(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def looks_complete(tail: bytes) -> bool:
+    """Whether a main stream that ends with *tail* ended where QEMU ends one.
+
+    QEMU 7.2 ends a main stream with ``QEMU_VM_EOF`` (``00``), then
+    ``QEMU_VM_VMDESCRIPTION`` (``06``), a be32 length and that many bytes of
+    JSON; machines that suppress the description end at the ``00``.  This only
+    decides what the proxy logs and whether the other channels of the
+    migration are closed at once: the bytes themselves are always forwarded.
+    """
+    if tail.endswith(b"\x00"):
+        return True
+    if not tail.endswith(b"}"):
+        return False
+    pos = len(tail)
+    for _ in range(1024):  # bounded: candidates are rare in JSON text
+        pos = tail.rfind(b"\x00\x06", 0, pos)
+        if pos < 0:
+            return False
+        if pos + 6 <= len(tail):
+            n = int.from_bytes(tail[pos + 2 : pos + 6], "big")
+            if pos + 6 + n == len(tail) and tail[pos + 6 : pos + 7] == b"{":
+                return True
+    return False
 
 
 class Proxy:
@@ -53,6 +119,15 @@ class Proxy:
         (TLS from the source), or None for plain.
     :param client_tls: the same for upstream channels (TLS to the destination).
     :param recorder: also files each migration as a session while it passes.
+    :param limits: connections admitted (``max_connections``,
+        ``max_connections_per_peer``), time to identify (``handshake_timeout``:
+        a source channel must send its first 4 bytes, a migration magic, before
+        anything is opened toward the destination, so a port probe never
+        reaches it) and ``idle_timeout`` (no byte either way on a channel).
+
+    A failure on any channel (the source or the destination reset, went
+    idle, or the source closed the main channel mid-stream) is logged with
+    its reason and closes every channel of that migration, on both sides.
     """
 
     log = Logger()
@@ -66,6 +141,7 @@ class Proxy:
         recorder: Recorder | None = None,
         reactor: Any = None,
         pool: WorkerPool | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.to = to
         self._server_tls = server_tls
@@ -73,9 +149,14 @@ class Proxy:
         self.recorder = recorder
         self._reactor = reactor
         self._pool = pool
+        self.limits = limits if limits is not None else Limits()
+        self.admission = ConnectionLimiter(
+            self.limits.max_connections, self.limits.max_connections_per_peer
+        )
         self._group = _Group()
         self._channels: set[Channel] = set()
         self._active: set[Deferred[None]] = set()
+        self._stopping = False
         self.forwarded: list[tuple[str, int, str | None]] = []  # (peer, bytes, error)
 
     @property
@@ -86,7 +167,20 @@ class Proxy:
             self._reactor = reactor
         return self._reactor
 
+    def start(self) -> Deferred[Any]:
+        """Start the recording tap's recorder, if any (see :meth:`Recorder.start`)."""
+        if self.recorder is None:
+            return succeed(None)
+        return self.recorder.start()
+
     def client_func(self, listener: object, channel: Channel, data: object = None) -> None:
+        peer = _peer(channel)
+        key = _host(peer)
+        refusal = "the service is stopping" if self._stopping else self.admission.try_admit(key)
+        if refusal is not None:
+            self.log.warn("refused {peer}: {reason}", peer=peer, reason=refusal)
+            channel.close().addErrback(lambda _: None)
+            return
         group = self._group
         index = group.count
         group.count += 1
@@ -95,13 +189,16 @@ class Proxy:
         ready: Deferred[None] = Deferred()
         group.last_ready = ready
         self._channels.add(channel)
-        d = Deferred.fromCoroutine(self._handle(group, index, channel, previous, ready))
+        group.channels.add(channel)
+        d = Deferred.fromCoroutine(self._handle(group, index, channel, previous, ready, peer))
         self._active.add(d)
         d.addErrback(lambda f: self.log.failure("proxying {channel!r} failed", f, channel=channel))
 
         def done(_: object) -> None:
             self._active.discard(d)
             self._channels.discard(channel)
+            group.channels.discard(channel)
+            self.admission.release(key)
             group.live -= 1
             if group.live == 0 and self._group is group:
                 self._group = _Group()  # the next connection starts a new migration
@@ -115,8 +212,8 @@ class Proxy:
         incoming: Channel,
         previous: Deferred[None],
         ready: Deferred[None],
+        peer: str,
     ) -> None:
-        peer = _peer(incoming)
         what = "main" if index == 0 else f"channel {index}"
         upstream: Channel | None = None
         try:
@@ -133,32 +230,77 @@ class Proxy:
                     await incoming.close()
                     return
                 self._channels.add(incoming)
+                group.channels.add(incoming)
+            head = await self._identify(incoming, peer, what)
+            if head is None:
+                if index == 0:
+                    group.fail("its main channel was refused")
+                return
             await _settled(previous)
             if index > 0:
                 await _settled(group.main_started)
-            try:
-                upstream = await self._connect()
-            except Exception as e:
+            if group.failed is not None:
                 self.log.warn(
-                    "{peer} ({what}): cannot reach the destination {to}: {error}; "
-                    "closing the source side",
+                    "{peer} ({what}): not forwarded: the migration failed ({reason})",
                     peer=peer,
                     what=what,
-                    to=str(self.to),
-                    error=e,
+                    reason=group.failed,
                 )
                 _abort(incoming)
                 return
+            try:
+                upstream = await self._connect()
+            except Exception as e:
+                reason = f"cannot reach the destination {self.to}: {e}"
+                self.log.warn(
+                    "{peer} ({what}): {reason}; closing the source side",
+                    peer=peer,
+                    what=what,
+                    reason=reason,
+                )
+                _abort(incoming)
+                group.fail(reason)
+                return
             finally:
-                ready.callback(None)
+                _fire_after(previous, ready)
             self._channels.add(upstream)
+            group.channels.add(upstream)
             self.log.info("{peer} ({what}) -> {to}", peer=peer, what=what, to=str(self.to))
             tap = self._tap(incoming) if self.recorder is not None else None
             on_first = group.main_started if index == 0 else None
-            await self._run_pair(peer, what, incoming, upstream, tap, on_first)
+            await self._run_pair(group, index, peer, what, incoming, upstream, tap, on_first, head)
         finally:
+            _fire_after(previous, ready)
+            if upstream is not None:
+                self._channels.discard(upstream)
+                group.channels.discard(upstream)
+            self._channels.discard(incoming)
+            group.channels.discard(incoming)
             if index == 0 and not group.main_started.called:
                 group.main_started.callback(None)
+
+    async def _identify(self, incoming: Channel, peer: str, what: str) -> bytes | None:
+        """The channel's first 4 bytes if they are a migration magic; else refuse it (None)."""
+        timeout = self.limits.handshake_timeout
+        try:
+            d = incoming.read_all_eof(4)
+            head = await (d.addTimeout(timeout, self.reactor) if timeout else d)
+        except Exception as e:
+            if _is_timeout(e):
+                reason = f"sent no migration stream header within {timeout:g} s (handshake-timeout)"
+            else:
+                reason = f"no migration magic ({e})"
+            head = None
+        else:
+            if not head:
+                reason = "closed without sending anything"
+            elif wire.classify(head) in (wire.ChannelKind.MAIN, wire.ChannelKind.MULTIFD):
+                return head
+            else:
+                reason = wire.classify_reason(head)
+        self.log.warn("refused {peer} ({what}): {reason}", peer=peer, what=what, reason=reason)
+        await incoming.close()
+        return None
 
     def _connect(self) -> Deferred[Channel]:
         d: Deferred[Any] = SocketChannel.connect(
@@ -177,19 +319,35 @@ class Proxy:
 
     async def _run_pair(
         self,
+        group: _Group,
+        index: int,
         peer: str,
         what: str,
         incoming: Channel,
         upstream: Channel,
         tap: Channel | None,
         on_first: Deferred[None] | None,
+        head: bytes,
     ) -> None:
         errors: list[str] = []
+        timeout = self.limits.idle_timeout
+
+        def on_idle() -> None:
+            if not errors:
+                errors.append(f"no data either way for {timeout:g} s (idle-timeout)")
+            _abort(upstream)
+            _abort(incoming)
+
+        watchdog = IdleWatchdog(self.reactor, timeout, on_idle).start()
+        tail = _Tail() if index == 0 else None
         forward = Deferred.fromCoroutine(
-            self._copy(incoming, upstream, tap, on_first, errors, "source", "destination")
-        )
+            self._copy(
+                incoming, upstream, tap, on_first, errors, "source", "destination",
+                watchdog, tail, head,
+            )
+        )  # fmt: skip
         back = Deferred.fromCoroutine(
-            self._copy(upstream, incoming, None, None, errors, "destination", "source")
+            self._copy(upstream, incoming, None, None, errors, "destination", "source", watchdog)
         )
 
         def stop_other(result: object) -> object:
@@ -202,11 +360,26 @@ class Proxy:
         forward.addBoth(stop_other)
         back.addBoth(stop_other)
         sent = await forward
+        if not errors and group.failed is not None:
+            errors.append(f"closed: the migration failed ({group.failed})")
+            _abort(upstream)
+            _abort(incoming)
         if errors:
             await back
         else:
+            if tail is not None and not looks_complete(tail.value()):
+                # The bytes all go on (the destination judges them); the other
+                # channels of this migration are closed now, not after the
+                # destination notices.
+                reason = (
+                    f"the source closed the main channel mid-stream, after {sent} bytes "
+                    "(no end-of-migration marker)"
+                )
+                self.log.warn("{peer} ({what}): {reason}", peer=peer, what=what, reason=reason)
+                group.fail(reason, spare=(incoming, upstream))
             await _finish(upstream)
             await back
+        watchdog.stop()
         await incoming.close()
         await upstream.close()
         if tap is not None:
@@ -214,6 +387,24 @@ class Proxy:
         self.forwarded.append((peer, sent, errors[0] if errors else None))
         if errors:
             self.log.warn("{peer} ({what}): {error}", peer=peer, what=what, error=errors[0])
+            others = len(group.channels - {incoming, upstream})
+            if group.fail(f"{what}: {errors[0]}") and others:
+                self.log.warn(
+                    "migration from {peer} failed ({what}: {error}): closing its other "
+                    "{n} connection(s)",
+                    peer=peer,
+                    what=what,
+                    error=errors[0],
+                    n=others,
+                )
+        elif group.failed is not None:
+            self.log.warn(
+                "{peer} ({what}): ended, {sent} bytes forwarded; the migration failed ({reason})",
+                peer=peer,
+                what=what,
+                sent=sent,
+                reason=group.failed,
+            )
         else:
             self.log.info("{peer} ({what}): done", peer=peer, what=what)
 
@@ -226,17 +417,23 @@ class Proxy:
         errors: list[str],
         src_name: str,
         dst_name: str,
+        watchdog: IdleWatchdog,
+        tail: _Tail | None = None,
+        first: bytes = b"",
     ) -> int:
         total = 0
+        data = first
         while True:
-            try:
-                data = await src.read(READ_SIZE)
-            except Exception as e:
-                if not errors and not src.closed:
-                    errors.append(f"{src_name} failed: {e}")
-                return total
             if not data:
-                return total
+                try:
+                    data = await src.read(READ_SIZE)
+                except Exception as e:
+                    if not errors and not src.closed:
+                        errors.append(f"{src_name} failed: {e}")
+                    return total
+                if not data:
+                    return total
+                watchdog.touch()
             try:
                 await dst.write_all(data)
             except Exception as e:
@@ -244,6 +441,8 @@ class Proxy:
                     errors.append(f"{dst_name} failed: {e}")
                 return total
             total += len(data)
+            if tail is not None:
+                tail.add(data)
             if on_first is not None and not on_first.called:
                 on_first.callback(None)
             if tap is not None:
@@ -252,12 +451,35 @@ class Proxy:
                 except Exception as e:
                     self.log.warn("recording tap failed, forwarding goes on: {error}", error=e)
                     tap = None
+            data = b""
 
     def stop(self) -> Deferred[None]:
-        """Abort every proxied connection (service shutdown)."""
+        """Abort every proxied connection (service shutdown); new ones are refused."""
+        self._stopping = True
+        self._group.fail(STOPPED_REASON)
         for channel in list(self._channels):
             _abort(channel)
-        return DeferredList(list(self._active), consumeErrors=True).addCallback(lambda _: None)
+        d = DeferredList(list(self._active), consumeErrors=True).addCallback(lambda _: None)
+        if self.recorder is not None:
+            recorder = self.recorder
+            d.addCallback(lambda _: recorder.stop())
+        return d
+
+
+def _fire_after(previous: Deferred[None], ready: Deferred[None]) -> None:
+    """Fire *ready* once *previous* has fired (at once if it has): keeps accept order."""
+    if ready.called:
+        return
+    if previous.called:
+        ready.callback(None)
+        return
+
+    def relay(result: object) -> object:
+        if not ready.called:
+            ready.callback(None)
+        return result
+
+    previous.addBoth(relay)
 
 
 async def _settled(d: Deferred[None]) -> None:

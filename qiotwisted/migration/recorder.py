@@ -6,27 +6,57 @@ main channel, a multifd magic a multifd channel; anything else is refused with
 a logged reason and stores nothing.  The recorder never writes a byte back to
 the source: a QEMU 7.2 source that receives anything resets its socket at close
 and silently drops the end of its stream (``qemu-interop.md`` trap 1).
+
+Limits (:class:`~qiotwisted.migration.limits.Limits`) and what they do here:
+
+* a connection beyond ``max_connections`` (``max_connections_per_peer`` from
+  one address) is closed at once, before anything is read from it;
+* a connection that does not identify itself in ``handshake_timeout`` (TLS
+  handshake, then the magic and multifd init packet) is closed;
+* a channel that sends nothing for ``idle_timeout`` is closed and its session
+  stopped: it is filed ``incomplete`` with that reason;
+* no session starts beyond ``max_sessions``, nor when the output filesystem
+  has less than ``min_free_space`` free; while sessions are open the space is
+  checked every ``disk_check_interval`` and, below the floor, every open
+  session is stopped and filed ``incomplete`` ("disk nearly full");
+* a write error (``EFBIG``, ``ENOSPC``) stops the session the same way;
+* so does a channel that fails (reset mid-stream): QEMU fails the whole
+  migration then, but a 7.2 source was seen keeping its main channel open
+  after a multifd channel died, which would otherwise hold the session until
+  the idle timeout.
+
+:meth:`Recorder.stop` (SIGTERM) stops every open session the same way, with
+the reason "the service stopped while recording".
+
+Nothing already stored is lost: an ended session is always filed with a
+parseable manifest (or, if even that cannot be written, left as
+``.incoming-*`` for :meth:`Recorder.start` to file at the next start).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from .._pool import WorkerPool
 from ..channel import Channel
-from ..errors import ChannelError
+from ..errors import ChannelError, QIOError
 from . import wire
-from .session import ChannelSink, Session
+from .limits import ConnectionLimiter, FreeSpace, IdleWatchdog, Limits
+from .session import ChannelSink, Session, SessionStatus, recover_incoming, run_in_worker
 
-__all__ = ["Recorder"]
+__all__ = ["DISK_FULL", "LOCK_NAME", "STOPPED_REASON", "Recorder"]
 
 READ_SIZE = 1024 * 1024
+LOCK_NAME = ".qio-record.lock"
+STOPPED_REASON = "the service stopped while recording"
+DISK_FULL = "disk nearly full"
 
 
 class Recorder:
@@ -35,9 +65,13 @@ class Recorder:
     Thread contract: everything here runs in the reactor thread; disk work goes
     to the worker pool through :class:`~qiotwisted.migration.session.ChannelSink`.
 
-    :param classify_timeout: seconds a new connection may take to send its magic.
+    :param classify_timeout: seconds a new connection may take to send its
+        magic (and multifd init packet) once connected (and, with TLS,
+        handshaken); default: ``limits.handshake_timeout``.
     :param tls: turns each accepted channel into a handshaken TLS channel
         (``twistd qio record --tls-creds``); a failed handshake stores nothing.
+    :param limits: see the module docstring; default :class:`Limits`'s defaults.
+    :param statvfs: ``os.statvfs`` stand-in for the free-space checks.
     :ivar sessions_done: ``(path, status)`` of every finished session, newest last.
     """
 
@@ -49,19 +83,40 @@ class Recorder:
         *,
         reactor: Any = None,
         pool: WorkerPool | None = None,
-        classify_timeout: float = 60.0,
+        classify_timeout: float | None = None,
         tls: Callable[[Channel], Deferred[Channel]] | None = None,
+        limits: Limits | None = None,
+        statvfs: Callable[[str], Any] = os.statvfs,
     ) -> None:
         self.output = Path(output)
         self._tls = tls
         self._reactor = reactor
         self._pool = pool
-        self._classify_timeout = classify_timeout
+        self.limits = limits if limits is not None else Limits()
+        self._classify_timeout = (
+            classify_timeout if classify_timeout is not None else self.limits.handshake_timeout
+        )
+        self.admission = ConnectionLimiter(
+            self.limits.max_connections, self.limits.max_connections_per_peer
+        )
+        self.free_space = FreeSpace(
+            self.output,
+            self.limits.min_free_space,
+            timeout=self.limits.disk_check_timeout,
+            statvfs=statvfs,
+            pool=pool,
+            reactor=reactor,
+        )
         self._open: list[Session] = []
         self.sessions_done: list[tuple[Path, str]] = []
         self._active: set[Deferred[None]] = set()
         self._channels: set[Channel] = set()
         self._filed_waiters: list[Deferred[tuple[Path, str]]] = []
+        self._orphan_calls: dict[Session, Any] = {}
+        self._disk_call: Any = None
+        self._disk_checking: Deferred[None] | None = None
+        self._stopping = False
+        self._lock_fd: int | None = None
 
     @property
     def reactor(self) -> Any:
@@ -81,46 +136,147 @@ class Recorder:
         self._filed_waiters.append(d)
         return d
 
+    # -- service life -------------------------------------------------------------------
+
+    def start(self) -> Deferred[list[Path]]:
+        """Take *output* for this recorder and file what a killed one left there.
+
+        In a worker thread: create *output*, lock it (``flock`` on
+        :data:`LOCK_NAME`: a second recorder on the same directory fails here
+        with a clear error instead of filing the first one's live sessions),
+        then file every ``.incoming-*`` session as ``incomplete``
+        (:func:`~qiotwisted.migration.session.recover_incoming`).  Fires with
+        the recovered session directories.  Optional: a recorder that is never
+        started records all the same.
+        """
+        d = run_in_worker(self._start_in_thread, pool=self._pool, reactor=self._reactor)
+
+        def started(found: list[Path]) -> list[Path]:
+            for path in found:
+                self.log.warn(
+                    "filed {path} as incomplete: a previous run ended before it did",
+                    path=str(path),
+                )
+            return found
+
+        return d.addCallback(started)
+
+    def _start_in_thread(self) -> list[Path]:
+        import fcntl
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        lock_path = self.output / LOCK_NAME
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise QIOError(
+                f"{self.output} is in use by another recorder (lock {lock_path})"
+            ) from None
+        self._lock_fd = fd
+        return recover_incoming(self.output)
+
+    def stop(self) -> Deferred[None]:
+        """Stop every open session and file it (``incomplete`` unless complete by content).
+
+        New connections are refused from now on.  Fires once every session is
+        filed.  Used at service shutdown (SIGTERM).
+        """
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        self._cancel_disk_timer()
+        # Closing a channel fails its pending read with ChannelClosedError, so
+        # each pump ends, its session is judged and filed; then wait for every
+        # handler to finish writing.
+        for session in list(self._open):
+            session.stop(STOPPED_REASON)
+        for channel in list(self._channels):
+            channel.close()
+        await DeferredList(list(self._active), consumeErrors=True)
+        if self._disk_checking is not None:
+            await DeferredList([self._disk_checking], consumeErrors=True)
+        # Sessions no handler will close: multifd channels whose main never came.
+        for session in list(self._open):
+            if not session.closing and session.opened:
+                await self._file(session)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- connections ----------------------------------------------------------------------
+
     def client_func(self, listener: object, channel: Channel, data: object = None) -> None:
         """NetListener client func: take ownership of *channel* and record it."""
+        peer = _peer(channel)
+        key = _host(peer)
+        refusal = "the service is stopping" if self._stopping else self.admission.try_admit(key)
+        if refusal is not None:
+            self._refuse(channel, peer, refusal)
+            return
         self._channels.add(channel)
-        d = Deferred.fromCoroutine(self._handle(channel))
+        d = Deferred.fromCoroutine(self._handle(channel, peer))
         self._active.add(d)
         d.addErrback(lambda f: self.log.failure("recording {channel!r} failed", f, channel=channel))
 
         def forget(_: object) -> None:
             self._active.discard(d)
             self._channels.discard(channel)
+            self.admission.release(key)
 
         d.addBoth(forget)
 
-    async def _handle(self, channel: Channel) -> None:
-        peer = _peer(channel)
+    def _refuse(self, channel: Channel, peer: str, reason: str) -> None:
+        """Close *channel* at once, writing nothing to it, and log why."""
+        self.log.warn("refused {peer}: {reason}", peer=peer, reason=reason)
+        channel.close().addErrback(lambda _: None)
+
+    async def _handle(self, raw: Channel, peer: str) -> None:
+        channel = raw
         if self._tls is not None:
             try:
-                tls_channel = await self._tls(channel)
+                channel = await self._tls(raw)
             except Exception as e:
                 self.log.warn("refused {peer}: TLS handshake failed: {error}", peer=peer, error=e)
-                await channel.close()
+                await raw.close()
                 return
-            # stop() closes the socket underneath, which ends the TLS channel too.
-            channel = tls_channel
+            # Closing the socket underneath (stop, idle) ends the TLS channel too.
         try:
-            head = await channel.read_all_eof(4).addTimeout(self._classify_timeout, self.reactor)
+            identify = Deferred.fromCoroutine(self._identify(channel))
+            if self._classify_timeout:
+                identify.addTimeout(self._classify_timeout, self.reactor)
+            head, init = await identify
         except Exception as e:
-            self.log.warn("refused {peer}: no migration magic ({error})", peer=peer, error=e)
-            await channel.close()
+            if _is_timeout(e):
+                reason = (
+                    f"sent no migration stream header within {self._classify_timeout:g} s "
+                    "(handshake-timeout)"
+                )
+            else:
+                reason = f"no migration magic ({e})"
+            self._refuse(channel, peer, reason)
             return
-        kind = wire.classify(head)
-        if kind is wire.ChannelKind.MAIN:
-            await self._record_main(channel, head, peer)
-        elif kind is wire.ChannelKind.MULTIFD:
-            await self._record_multifd(channel, head, peer)
-        else:
-            self.log.warn("refused {peer}: {reason}", peer=peer, reason=wire.classify_reason(head))
+        if not head:
+            self.log.info("{peer} closed without sending anything", peer=peer)
             await channel.close()
+        elif init is not None:
+            await self._record_multifd(raw, channel, head, init, peer)
+        elif wire.classify(head) is wire.ChannelKind.MAIN:
+            await self._record_main(raw, channel, head, peer)
+        else:
+            self._refuse(channel, peer, wire.classify_reason(head))
 
-    async def _record_main(self, channel: Channel, head: bytes, peer: str) -> None:
+    async def _identify(self, channel: Channel) -> tuple[bytes, wire.MultifdInit | None]:
+        """The channel's first bytes: the magic, plus the init packet for multifd."""
+        head = await channel.read_all_eof(4)
+        if len(head) < 4 or wire.classify(head) is not wire.ChannelKind.MULTIFD:
+            return head, None
+        rest = await channel.read_all(wire.MULTIFD_INIT_SIZE - len(head))
+        return head + rest, wire.MultifdInit.parse(head + rest)
+
+    async def _record_main(self, raw: Channel, channel: Channel, head: bytes, peer: str) -> None:
         session = await self._join(peer, main=True, uuid=None, channel_id=None)
         if session is None:
             await channel.close()
@@ -134,17 +290,12 @@ class Recorder:
                 "protocol": getattr(channel, "protocol_version", None),
                 "cipher": getattr(channel, "cipher", None),
             }
-        await self._pump(session, channel, sink, "main.bin", head)
+        await self._pump(session, raw, channel, sink, "main.bin", head, peer)
         await self._maybe_close(session)
 
-    async def _record_multifd(self, channel: Channel, head: bytes, peer: str) -> None:
-        try:
-            rest = await channel.read_all(wire.MULTIFD_INIT_SIZE - len(head))
-            init = wire.MultifdInit.parse(head + rest)
-        except (ChannelError, wire.WireError) as e:
-            self.log.warn("refused multifd channel from {peer}: {error}", peer=peer, error=e)
-            await channel.close()
-            return
+    async def _record_multifd(
+        self, raw: Channel, channel: Channel, head: bytes, init: wire.MultifdInit, peer: str
+    ) -> None:
         session = await self._join(peer, main=False, uuid=init.uuid, channel_id=init.channel_id)
         if session is None:
             await channel.close()
@@ -157,31 +308,34 @@ class Recorder:
             peer=peer,
         )
         sink = session.add_channel("multifd", filename, init.channel_id)
-        await self._pump(session, channel, sink, filename, head + rest)
+        await self._pump(session, raw, channel, sink, filename, head, peer)
         await self._maybe_close(session)
+
+    # -- sessions -------------------------------------------------------------------------
 
     async def _join(
         self, peer: str, *, main: bool, uuid: UUID | None, channel_id: int | None
     ) -> Session | None:
-        """Find the open session this channel belongs to, or start one.
+        """Find the open session this channel belongs to, or start one (None: refused).
 
         QEMU 7.2 connects the main channel first but writes its header only
         after every multifd channel has sent its init packet, so the channels of
         one migration are classified in any order.  A channel joins the newest
         open session from the same host that still lacks a channel of its kind
         (for multifd: same uuid, id not taken); otherwise it starts its own
-        session, so two migrations are never mixed in one.
+        session, so two migrations are never mixed in one.  A new session
+        needs a free slot (``max_sessions``) and room on the disk.
         """
         host = _host(peer)
         for session in reversed(self._open):
-            if _host(session.peer) != host or session.closing:
+            if _host(session.peer) != host or session.closing or session.stop_reason:
                 continue
             if main and session.has_main:
                 continue
             if not main:
                 if session.uuid is not None and session.uuid != uuid:
                     continue
-                if f"multifd-{channel_id}.bin" in session.sinks:
+                if channel_id in session.multifd_ids:
                     self.log.warn(
                         "refused multifd channel from {peer}: id {id} already set up in "
                         "session {name}",
@@ -192,70 +346,256 @@ class Recorder:
                     return None
             break
         else:
+            refusal = self._new_session_refusal()
+            if refusal is not None:
+                self.log.warn("refused {peer}: {reason}", peer=peer, reason=refusal)
+                return None
             session = Session(self.output, peer=peer, pool=self._pool, reactor=self.reactor)
             self._open.append(session)
-            await session.open()
-        if uuid is not None:
-            session.uuid = uuid
+            self._reserve(session, main, uuid, channel_id)
+            reason = await self.free_space.check()
+            if reason is None:
+                try:
+                    await session.open()
+                except Exception as e:
+                    reason = f"cannot create the session directory: {e}"
+            else:
+                session.fail_open(reason)
+            if reason is not None:
+                self._open.remove(session)
+                self.log.error("refused {peer}: {reason}", peer=peer, reason=reason)
+                return None
+            self._ensure_disk_timer()
+            return session
+        self._reserve(session, main, uuid, channel_id)
+        if not session.opened:
+            await session.when_open()
+            if session.open_error is not None:
+                self.log.warn("refused {peer}: {reason}", peer=peer, reason=session.open_error)
+                return None
         return session
 
+    def _reserve(self, session: Session, main: bool, uuid: UUID | None, cid: int | None) -> None:
+        # Claimed before any wait, so a channel arriving meanwhile looks elsewhere.
+        if main:
+            session.has_main = True
+            call = self._orphan_calls.pop(session, None)
+            if call is not None and call.active():
+                call.cancel()
+        else:
+            assert cid is not None
+            session.multifd_ids.add(cid)
+            if uuid is not None:
+                session.uuid = uuid
+
+    def _new_session_refusal(self) -> str | None:
+        if self._stopping:
+            return "the service is stopping"
+        limit = self.limits.max_sessions
+        if limit and len(self._open) >= limit:
+            return f"{len(self._open)} sessions open, max-sessions is {limit}"
+        return None
+
     async def _maybe_close(self, session: Session) -> None:
-        """Close the session once it has a main channel and every channel seen has ended."""
-        if session.closing or not session.has_main:
+        """Close the session once it has a main channel and every channel seen has ended.
+
+        A session whose channels all ended without a main one waits
+        ``classify_timeout`` for it, then is filed ``incomplete``.
+        """
+        if session.closing or not all(c.ended for c in session.channels):
             return
-        if not all(c.ended for c in session.channels):
+        if not session.has_main and session.stop_reason is None:
+            if session not in self._orphan_calls and not self._stopping:
+                self._orphan_calls[session] = self.reactor.callLater(
+                    self._classify_timeout, self._file_orphan, session
+                )
             return
+        await self._file(session)
+
+    def _file_orphan(self, session: Session) -> None:
+        self._orphan_calls.pop(session, None)
+        if not session.closing and not session.has_main:
+            d = Deferred.fromCoroutine(self._file(session))
+            d.addErrback(lambda f: self.log.failure("filing {name}", f, name=session.name))
+
+    async def _file(self, session: Session) -> None:
         session.closing = True
-        self._open.remove(session)
-        path = await session.close()
-        self.sessions_done.append((path, session.status))
+        call = self._orphan_calls.pop(session, None)
+        if call is not None and call.active():
+            call.cancel()
+        if session in self._open:
+            self._open.remove(session)
+        if not self._open:
+            self._cancel_disk_timer()
+        try:
+            path = await session.close()
+            status = session.status
+        except Exception as e:
+            path, status = session.tmp_dir, SessionStatus.INCOMPLETE
+            self.log.error(
+                "session {name}: cannot write its manifest ({error}); left as {path}, "
+                "filed as incomplete at the next start",
+                name=session.name,
+                error=e,
+                path=str(path),
+            )
+        self.sessions_done.append((path, status))
         waiters, self._filed_waiters = self._filed_waiters, []
         for d in waiters:
-            d.callback((path, session.status))
-        self.log.info(
+            d.callback((path, status))
+        log = self.log.info if status == SessionStatus.COMPLETE else self.log.warn
+        log(
             "session {name}: {status}{reason} ({bytes} bytes) -> {path}",
             name=session.name,
-            status=session.status,
+            status=status,
             reason=f" ({session.reason})" if session.reason else "",
             bytes=sum(c.bytes for c in session.channels),
             path=str(path),
         )
 
     async def _pump(
-        self, session: Session, channel: Channel, sink: ChannelSink, filename: str, first: bytes
+        self,
+        session: Session,
+        raw: Channel,
+        channel: Channel,
+        sink: ChannelSink,
+        filename: str,
+        first: bytes,
+        peer: str,
     ) -> None:
         """Copy the channel into its sink until EOF or error, with backpressure."""
         error: str | None = None
         clean_eof = False
+        session.live.add(raw)
+        timeout = self.limits.idle_timeout
+
+        def on_idle() -> None:
+            nonlocal error
+            error = f"no data for {timeout:g} s (idle-timeout)"
+            self.log.warn(
+                "session {name}: {file} from {peer}: {error}; stopping the session",
+                name=session.name,
+                file=filename,
+                peer=peer,
+                error=error,
+            )
+            session.stop(f"{filename}: {error}")
+
+        def on_sink_error(e: BaseException) -> None:
+            nonlocal error
+            if error is None:
+                error = f"recording failed: {e}"
+            session.stop(f"{filename}: {error}")
+
+        sink.on_error = on_sink_error
+        watchdog = IdleWatchdog(self.reactor, timeout, on_idle).start()
         sink.write(first)
         try:
+            if session.stop_reason is not None:  # stopped while this channel joined
+                raw.close()
             while True:
                 data = await channel.read(READ_SIZE)
                 if not data:
                     clean_eof = True
                     break
+                watchdog.touch()
                 sink.write(data)
-                await sink.drained()
+                drained = sink.drained()
+                if not drained.called:
+                    watchdog.busy = True  # waiting for our disk, not for the source
+                    try:
+                        await drained
+                    finally:
+                        watchdog.busy = False
+                if sink.error is not None:
+                    break  # on_sink_error stopped the session
         except ChannelError as e:
-            error = str(e)
+            # A channel we closed (session stopped) has nothing to add: the
+            # session's stop reason says why.
+            if error is None and session.stop_reason is None:
+                error = str(e)
+                # A reset channel dooms the migration (QEMU fails it whole), yet
+                # a 7.2 source keeps its main channel open after failing: stop
+                # the session now rather than wait for the idle timeout.
+                others = len(session.live) - 1
+                if session.stop(f"{filename}: {error}") and others:
+                    self.log.warn(
+                        "session {name}: {file} from {peer}: {error}; stopping the session",
+                        name=session.name,
+                        file=filename,
+                        peer=peer,
+                        error=error,
+                    )
         finally:
-            await sink.finish(eof=clean_eof)
+            watchdog.stop()
+            session.live.discard(raw)
+            try:
+                await sink.finish(eof=clean_eof)
+            except Exception as e:
+                error = error or f"cannot close the file: {e}"
             await channel.close()
+            if channel is not raw:
+                await raw.close()
             session.channel_ended(filename, error)
 
-    def stop(self) -> Deferred[None]:
-        """Close every open session as ``incomplete`` (service shutdown)."""
-        return Deferred.fromCoroutine(self._stop())
+    # -- free space -----------------------------------------------------------------------
 
-    async def _stop(self) -> None:
-        # Closing a channel fails its pending read with ChannelClosedError, so
-        # each pump ends, its session is judged on content (incomplete) and
-        # filed; then wait for every handler to finish writing.
-        for channel in list(self._channels):
-            channel.close()
-        from twisted.internet.defer import DeferredList
+    def _ensure_disk_timer(self) -> None:
+        interval = self.limits.disk_check_interval
+        if (
+            self._disk_call is None
+            and self._disk_checking is None
+            and self.free_space.minimum
+            and interval
+            and self._open
+            and not self._stopping
+        ):
+            self._disk_call = self.reactor.callLater(interval, self._disk_tick)
 
-        await DeferredList(list(self._active), consumeErrors=True)
+    def _cancel_disk_timer(self) -> None:
+        if self._disk_call is not None and self._disk_call.active():
+            self._disk_call.cancel()
+        self._disk_call = None
+
+    def _disk_tick(self) -> None:
+        self._disk_call = None
+        if not self._open or self._stopping:
+            return
+        d = Deferred.fromCoroutine(self._check_disk())
+        self._disk_checking = d
+
+        def done(_: object) -> None:
+            self._disk_checking = None
+            self._ensure_disk_timer()
+
+        d.addErrback(lambda f: self.log.failure("free-space check", f))
+        d.addBoth(done)
+
+    async def _check_disk(self) -> None:
+        reason = await self.free_space.check()
+        if reason is None:
+            return
+        running = [s for s in self._open if s.stop_reason is None]
+        if not reason.startswith(DISK_FULL):
+            # The check itself failed (statvfs raised or hung): say so, and go
+            # on; the next session's start check refuses it if this persists.
+            self.log.warn("{reason}", reason=reason)
+            return
+        if running:
+            self.log.error(
+                "{reason}: stopping {n} session(s): {names}",
+                reason=reason,
+                n=len(running),
+                names=", ".join(s.name for s in running),
+            )
+        for session in running:
+            session.stop(reason)
+
+
+def _is_timeout(e: BaseException) -> bool:
+    from twisted.internet.defer import TimeoutError as DeferredTimeout
+
+    return isinstance(e, DeferredTimeout | TimeoutError)
 
 
 def _host(peer: str) -> str:

@@ -212,13 +212,12 @@ class ChannelSink:
         self._pending.clear()
         self._pending_bytes = 0
         if self.error is None:
-            self.error = failure.value
-            self.log.error(
-                "recording to {path} failed: {error}", path=str(self.path), error=failure.value
-            )
+            error = self.error = failure.value
+            assert error is not None
+            self.log.error("recording to {path} failed: {error}", path=str(self.path), error=error)
             if self.on_error is not None:
                 try:
-                    self.on_error(failure.value)
+                    self.on_error(error)
                 except Exception:
                     self.log.failure("on_error callback of {path}", path=str(self.path))
 
@@ -331,7 +330,14 @@ class Session:
         self._clock = clock
         self.started = clock()
         self.ended: float | None = None
-        self.stamp = time.strftime(_STAMP, time.gmtime(self.started)) + ("-" + secrets.token_hex(3))
+        # Milliseconds keep sessions of the same second in start order when
+        # names are sorted; the random suffix keeps them unique across processes.
+        millis = int(self.started * 1000) % 1000
+        self.stamp = (
+            time.strftime(_STAMP, time.gmtime(self.started)).replace("Z", f".{millis:03d}Z")
+            + "-"
+            + secrets.token_hex(3)
+        )
         self.name = self.stamp
         self.tmp_dir = output / f".incoming-{self.stamp}"
         self.final_dir = output / self.stamp
@@ -608,7 +614,9 @@ def _recovered_manifest(tmp_dir: Path, chunk: int) -> dict[str, Any]:
     st = tmp_dir.stat()
     try:  # the directory's name starts with the session's start time
         started: str | None = _iso(
-            calendar.timegm(time.strptime(tmp_dir.name[len(INCOMING_PREFIX) :][:16], _STAMP))
+            calendar.timegm(
+                time.strptime(tmp_dir.name[len(INCOMING_PREFIX) :][:15], _STAMP.rstrip("Z"))
+            )
         )
     except ValueError:
         started = None

@@ -119,15 +119,22 @@ def main() -> int:
     mib = args.ram_mib
     print(f"\n{mib} MiB random guest, {args.rounds} interleaved rounds, medians")
     print(f"{'receiver':<22}{'source s':>10}{'e2e s':>10}{'MB/s (e2e)':>12}")
-    med: dict[str, float] = {}
+    src_med: dict[str, float] = {}
+    e2e_med: dict[str, float] = {}
     for name in names:
-        src_t = statistics.median(t[0] for t in times[name])
-        e2e_t = statistics.median(t[1] for t in times[name])
-        med[name] = e2e_t
-        print(f"{name:<22}{src_t:>10.3f}{e2e_t:>10.3f}{(mib << 20) / e2e_t / 1e6:>12.0f}")
-    rec = med[names[0]]
-    print(f"\nratio recorder / stdlib sink:      {med[names[1]] / rec:.2f}x  (goal >= 1.0x)")
-    print(f"ratio recorder / QEMU destination: {med[names[2]] / rec:.2f}x  (goal >= 0.9x)")
+        src_med[name] = statistics.median(t[0] for t in times[name])
+        e2e_med[name] = statistics.median(t[1] for t in times[name])
+        mbps = (mib << 20) / e2e_med[name] / 1e6
+        print(f"{name:<22}{src_med[name]:>10.3f}{e2e_med[name]:>10.3f}{mbps:>12.0f}")
+    rec = names[0]
+    print("\nmigration time (source `completed`), the figure the goals are about:")
+    sink_ratio = src_med[names[1]] / src_med[rec]
+    qemu_ratio = src_med[names[2]] / src_med[rec]
+    print(f"  recorder vs stdlib sink:      {sink_ratio:.2f}x  (goal >= 1.0x)")
+    print(f"  recorder vs QEMU destination: {qemu_ratio:.2f}x  (goal >= 0.9x)")
+    print("end to end (receiver done: for the recorder, session filed with its sha256):")
+    print(f"  recorder vs stdlib sink:      {e2e_med[names[1]] / e2e_med[rec]:.2f}x")
+    print(f"  recorder vs QEMU destination: {e2e_med[names[2]] / e2e_med[rec]:.2f}x")
     return 0
 
 

@@ -16,6 +16,7 @@ from .pipe import PipeChannel, pipe_pair
 from .socket import MAX_FDS, SocketChannel, SocketProtocol
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT, TLSChannel, TLSHandshakeError
 from .util import channel_new_fd
+from .websock import HandshakeError, WebsockChannel, WebsockProtocolError
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -30,6 +31,7 @@ __all__ = [
     "Feature",
     "FileChannel",
     "FileMode",
+    "HandshakeError",
     "InetSocketAddress",
     "NullChannel",
     "PipeChannel",
@@ -41,6 +43,8 @@ __all__ = [
     "TLSHandshakeError",
     "UnixSocketAddress",
     "Watch",
+    "WebsockChannel",
+    "WebsockProtocolError",
     "WouldBlock",
     "channel_new_fd",
     "parse_address",

@@ -57,13 +57,14 @@ import enum
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from ..errors import ChannelClosedError, ChannelError
+from ..task import Task, trace_enabled
 from ._base import (
     _CONDITIONS,
     WOULD_BLOCK,
@@ -89,9 +90,6 @@ from ._wsproto import (
     WebsockConnection,
     WebsockProtocolError,
 )
-
-if TYPE_CHECKING:
-    from ..task import Task
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
@@ -217,12 +215,7 @@ class WebsockChannel(Channel):
         self._shut = False
         self._flush_waiters: list[Deferred[None]] = []
         self._end_waiters: list[Deferred[None]] = []
-        self.log.debug(
-            "qio_channel_websock_new_server ioc={ioc!r} master={master!r}",
-            ioc=self,
-            master=master,
-            thread=threading.get_ident(),
-        )
+        self._trace("qio_channel_websock_new_server", master=master)
 
     @classmethod
     def new_server(cls, master: Channel, **kwargs: Any) -> WebsockChannel:
@@ -261,8 +254,6 @@ class WebsockChannel(Channel):
         :class:`ChannelClosedError` if the channel is closed first.
         Cancelling the task stops the handshake; the channel is then unusable.
         """
-        from ..task import Task
-
         self._check_open()
         if self._phase is not _Phase.NEW:
             raise ChannelError("Websocket handshake already started")
@@ -456,13 +447,7 @@ class WebsockChannel(Channel):
     def _peer_close(self, event: Close) -> None:
         self.close_code = event.code
         self.close_reason = event.reason
-        self.log.debug(
-            "qio_channel_websock_peer_close ioc={ioc!r} code={code} reason={reason!r}",
-            ioc=self,
-            code=event.code,
-            reason=event.reason,
-            thread=threading.get_ident(),
-        )
+        self._trace("qio_channel_websock_peer_close", code=event.code, reason=event.reason)
         if not self._conn.close_sent:
             # Echo the status, as RFC 6455 suggests; the peer then closes the TCP.
             self._queue(self._conn.send_close(event.code))
@@ -749,14 +734,15 @@ class WebsockChannel(Channel):
 
     async def _close(self) -> None:
         self._trace("qio_channel_websock_close")
-        if self._phase is _Phase.NEW or self._phase is _Phase.HANDSHAKE:
+        phase = self._phase
+        if phase is _Phase.OPEN:
+            if self._write_error is None:
+                await self._close_handshake()
+        elif phase is not _Phase.FAILED:
+            # Before the websocket is open there is nobody to say goodbye to:
+            # fail a pending handshake Task and just close the master.
             self._fail(ChannelClosedError())
             self._complete_task()
-        elif self._phase is _Phase.REPLYING:
-            self._fail(ChannelClosedError())
-            self._complete_task()
-        elif self._phase is _Phase.OPEN and self._write_error is None:
-            await self._close_handshake()
         self._shut = True
         if self._turn_call is not None and self._turn_call.active():
             self._turn_call.cancel()
@@ -794,6 +780,12 @@ class WebsockChannel(Channel):
     # ---- tracing ---------------------------------------------------------------------------------
 
     def _trace(self, event: str, **fields: Any) -> None:
-        self.log.debug(
-            event + " ioc={ioc!r}", ioc=self, event=event, thread=threading.get_ident(), **fields
-        )
+        """A QEMU-style trace event: debug level, gated like the Task's (``QIOTWISTED_TRACE``)."""
+        if trace_enabled():
+            self.log.debug(
+                event + " ioc={ioc!r}",
+                ioc=self,
+                event=event,
+                thread_id=threading.get_ident(),
+                **fields,
+            )

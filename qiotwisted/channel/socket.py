@@ -64,6 +64,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import address as _twisted_address
 from twisted.internet import tcp as _tcp
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
@@ -299,6 +300,7 @@ class SocketChannel(Channel):
         self.remote_address: Any = None
         self._local: SocketAddress | None = None
         self._remote: SocketAddress | None = None
+        self._addresses_pending = False
         # listening mode
         self._lsock: _socket.socket | None = None
         self._reader: _ListenReader | None = None
@@ -531,9 +533,10 @@ class SocketChannel(Channel):
             transport.bufferSize = self._recv_size
         self.local_address = transport.getHost()
         self.remote_address = transport.getPeer()
-        self._local = _convert(self.local_address)
-        self._remote = _convert(self.remote_address)
-        if isinstance(self._local, UnixSocketAddress):
+        # The QEMU-style addresses are converted on first use: accepting is
+        # hot, and most channels never ask.
+        self._addresses_pending = True
+        if isinstance(self.local_address, _twisted_address.UNIXAddress):
             self.features |= Feature.FD_PASS
         self.features |= Feature.READ_MSG_PEEK
         if self._closed:
@@ -997,14 +1000,22 @@ class SocketChannel(Channel):
 
     # ---- addresses -------------------------------------------------------------------
 
+    def _convert_addresses(self) -> None:
+        if self._addresses_pending:
+            self._addresses_pending = False
+            self._local = _convert(self.local_address)
+            self._remote = _convert(self.remote_address)
+
     def get_local_address(self) -> SocketAddress:
         """The socket's own address (QEMU's ``get_local_address``)."""
+        self._convert_addresses()
         if self._local is None:
             raise ChannelError("Unable to query local socket address: socket is not open")
         return self._local
 
     def get_remote_address(self) -> SocketAddress:
         """The peer's address; :class:`ChannelError` if the socket is not connected."""
+        self._convert_addresses()
         if self._remote is None:
             raise ChannelError(
                 "Unable to query remote socket address: Transport endpoint is not connected"
@@ -1139,6 +1150,7 @@ class SocketChannel(Channel):
         waiters, self._accept_waiters = self._accept_waiters, deque()
         for waiter in waiters:
             waiter.errback(ChannelClosedError())
+        self._convert_addresses()
         local = self._local
         sock.close()
         # QEMU's socket_listen_cleanup: only a channel that did the listen()

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import socket
+import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +38,7 @@ from tests.twistd_proc import Twistd, twistd_qio
 
 def _migrate(src: QemuVM, uri: str, receiver_done: Callable[[], object]) -> tuple[float, float]:
     src.set_capabilities()
-    src.set_parameters()
+    src.set_parameters(**({"tls_creds": "tls0", "tls_hostname": "localhost"} if TLS_DIR else {}))
     t0 = time.monotonic()
     src.migrate(uri)
     info = src.wait_migration(timeout=300, poll=0.005)
@@ -45,9 +49,52 @@ def _migrate(src: QemuVM, uri: str, receiver_done: Callable[[], object]) -> tupl
     return t_src, time.monotonic() - t0
 
 
+TLS_DIR: Path | None = None  # --tls: every variant speaks TLS, with these credentials
+
+
+def ssl_sink(directory: Path) -> tuple[int, threading.Event, threading.Thread]:
+    """A stdlib ``ssl`` server storing one connection to a file: the TLS baseline.
+
+    Client certificates required, as the recorder does; TLS 1.3 with no session
+    tickets (``num_tickets = 0``), which a QEMU 7.2 source needs (trap 1).
+    """
+    assert TLS_DIR is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(TLS_DIR / "server-cert.pem", TLS_DIR / "server-key.pem")
+    ctx.load_verify_locations(TLS_DIR / "ca-cert.pem")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.num_tickets = 0
+    lsock = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = lsock.accept()
+        lsock.close()
+        with (
+            ctx.wrap_socket(conn, server_side=True) as tls,
+            open(directory / "main.bin", "wb") as f,
+        ):
+            buf = bytearray(1 << 20)
+            view = memoryview(buf)
+            while True:
+                try:
+                    n = tls.recv_into(buf)
+                except (ssl.SSLEOFError, ConnectionResetError):
+                    break  # QEMU 7.2 closes without close_notify
+                if not n:
+                    break
+                f.write(view[:n])
+        done.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return lsock.getsockname()[1], done, thread
+
+
 def run_recorder(work: Path, svc: Twistd, ram_mib: int) -> tuple[float, float]:
     before = len(svc.sessions())
-    with qemu_source(work, ram_mib=ram_mib) as src:
+    with qemu_source(work, ram_mib=ram_mib, tls_dir=TLS_DIR) as src:
         result = _migrate(
             src,
             f"tcp:127.0.0.1:{svc.port}",
@@ -62,6 +109,13 @@ def run_recorder(work: Path, svc: Twistd, ram_mib: int) -> tuple[float, float]:
 
 
 def run_stdlib(work: Path, ram_mib: int) -> tuple[float, float]:
+    if TLS_DIR is not None:
+        port, done, thread = ssl_sink(work / "sink")
+        with qemu_source(work, ram_mib=ram_mib, tls_dir=TLS_DIR) as src:
+            result = _migrate(src, f"tcp:127.0.0.1:{port}", lambda: done.wait(300))
+        thread.join(10)
+        shutil.rmtree(work / "sink")
+        return result
     with (
         stdlib_sink(work / "sink") as sink,
         qemu_source(work, ram_mib=ram_mib) as src,
@@ -77,11 +131,11 @@ def run_stdlib(work: Path, ram_mib: int) -> tuple[float, float]:
 
 def run_qemu(work: Path, ram_mib: int) -> tuple[float, float]:
     with (
-        qemu_destination(work, ram_mib=ram_mib) as dst,
-        qemu_source(work, ram_mib=ram_mib) as src,
+        qemu_destination(work, ram_mib=ram_mib, tls_dir=TLS_DIR) as dst,
+        qemu_source(work, ram_mib=ram_mib, tls_dir=TLS_DIR) as src,
     ):
         dst.set_capabilities()
-        dst.set_parameters()
+        dst.set_parameters(**({"tls_creds": "tls0"} if TLS_DIR else {}))
         port = dst.migrate_incoming()
 
         def dst_done() -> None:
@@ -95,12 +149,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ram-mib", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tls", action="store_true", help="TLS on every variant")
     args = parser.parse_args()
+    global TLS_DIR
     names = ["twistd qio record", "stdlib socket sink", "QEMU destination"]
+    if args.tls:
+        names = ["twistd qio record", "stdlib ssl sink", "QEMU TLS destination"]
     times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="qio-bench-record-", dir=".") as tmp:
         work = Path(tmp).resolve()
-        with twistd_qio(work / "svc") as svc:
+        svc_args = ["record"]
+        if args.tls:
+            TLS_DIR = work / "pki"
+            subprocess.run(
+                [sys.executable, "-m", "qiotwisted.cli", "pki", str(TLS_DIR)],
+                check=True,
+                capture_output=True,
+            )
+            svc_args += ["--tls-creds", str(TLS_DIR)]
+        with twistd_qio(work / "svc", svc_args) as svc:
             for r in range(args.rounds):
                 # Rotate the order each round so no variant always runs first.
                 order = names[r % 3 :] + names[: r % 3]
@@ -117,7 +184,8 @@ def main() -> int:
                         flush=True,
                     )
     mib = args.ram_mib
-    print(f"\n{mib} MiB random guest, {args.rounds} interleaved rounds, medians")
+    mode = "TLS, " if args.tls else ""
+    print(f"\n{mode}{mib} MiB random guest, {args.rounds} interleaved rounds, medians")
     print(f"{'receiver':<22}{'source s':>10}{'e2e s':>10}{'MB/s (e2e)':>12}")
     src_med: dict[str, float] = {}
     e2e_med: dict[str, float] = {}

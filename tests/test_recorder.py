@@ -152,6 +152,31 @@ async def test_two_migrations_in_a_row_are_two_sessions(rig: Rig) -> None:
     assert len({p for p, _ in rig.recorder.sessions_done}) == 2
 
 
+async def test_two_sources_at_once_are_never_mixed(rig: Rig, reactor: Any) -> None:
+    """A second migration while the first is open gets its own session."""
+    first, second = build_stream(parts=1).data, build_stream(parts=3).data
+    a = await rig.connect()
+    b = await rig.connect()
+    await a.write_all(first[:100])
+    await b.write_all(second[:100])
+    for _ in range(200):  # bounded: until both have been classified
+        if len(rig.recorder.open_sessions) == 2:
+            break
+        await deferLater(reactor, 0.01)
+    assert len(rig.recorder.open_sessions) == 2
+    await a.write_all(first[100:])
+    await b.write_all(second[100:])
+    await a.close()
+    await b.close()
+    for _ in range(500):
+        if len(rig.recorder.sessions_done) == 2:
+            break
+        await deferLater(reactor, 0.01)
+    stored = sorted((p / "main.bin").read_bytes() for p, _ in rig.recorder.sessions_done)
+    assert stored == sorted([first, second])
+    assert [status for _, status in rig.recorder.sessions_done] == ["complete", "complete"]
+
+
 @pytest.mark.parametrize(
     "payload,reason",
     [

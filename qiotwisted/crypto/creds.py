@@ -275,11 +275,30 @@ def _pem_blocks(data: bytes, *labels: bytes) -> list[bytes]:
 
 
 def _load_certs(data: bytes) -> list[x509.Certificate]:
-    """Every PEM certificate in *data*; ValueError if one is corrupt."""
-    return [
-        x509.load_pem_x509_certificate(block)
-        for block in _pem_blocks(data, b"CERTIFICATE", b"X509 CERTIFICATE")
-    ]
+    """Every PEM certificate in *data*; ValueError if one is corrupt.
+
+    cryptography decodes some fields only when they are first read (the
+    names, the public key), and OpenSSL parses each certificate again when a
+    context is built: both happen here, so a corrupt certificate fails the
+    load with its file's name instead of escaping later as another exception.
+    """
+    certs = []
+    for block in _pem_blocks(data, b"CERTIFICATE", b"X509 CERTIFICATE"):
+        try:
+            cert = x509.load_pem_x509_certificate(block)
+            cert.subject, cert.issuer, cert.signature_hash_algorithm  # noqa: B018
+            cert.public_key()
+            crypto.X509.from_cryptography(cert)
+        except (
+            x509.InvalidVersion,
+            TypeError,
+            ValueError,
+            UnsupportedAlgorithm,
+            crypto.Error,
+        ) as exc:
+            raise ValueError(_openssl_reason(exc)) from None
+        certs.append(cert)
+    return certs
 
 
 # ---- the sanity checks (qcrypto_tls_creds_x509_sanity_check) -------------------

@@ -327,7 +327,14 @@ class Recorder:
         needs a free slot (``max_sessions``) and room on the disk.
         """
         host = _host(peer)
-        for session in reversed(self._open):
+        candidates = list(reversed(self._open))
+        if main:
+            # QEMU numbers its multifd channels from 0: a session holding
+            # channel 0 is a likelier home for a main channel than a newer one
+            # holding only a stray channel (a foreign uuid, say).  Stable sort:
+            # newest first otherwise.
+            candidates.sort(key=lambda s: 0 not in s.multifd_ids)
+        for session in candidates:
             if _host(session.peer) != host or session.closing or session.stop_reason:
                 continue
             if main and session.has_main:

@@ -464,6 +464,15 @@ class Session:
                     f"{c.filename}: {w.sync_packets} SYNC packets, main stream has "
                     f"{ram_sections} ram sections"
                 )
+        # QEMU numbers multifd channels 0..N-1 and a destination refuses an id
+        # >= multifd-channels: any other set cannot be replayed.
+        ids = sorted(
+            c.channel_id for c in self.channels if c.kind == "multifd" and c.channel_id is not None
+        )
+        if ids != list(range(len(ids))):
+            return SessionStatus.INCOMPLETE, (
+                f"multifd channel ids {ids} are not 0..{len(ids) - 1}"
+            )
         return SessionStatus.COMPLETE, None
 
     def verdict(self) -> tuple[str, str | None]:

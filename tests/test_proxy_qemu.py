@@ -75,3 +75,24 @@ def test_proxy_destination_unreachable_closes_the_source(tmp_path: Path) -> None
             src.migrate(f"tcp:127.0.0.1:{proxy.port}")
             assert src.wait_migration(timeout=60)["status"] == "failed"
             proxy.wait_log("cannot reach the destination")
+
+
+def test_plain_multifd_proxy_without_tap_uses_the_splice_pump(tmp_path: Path) -> None:
+    """Plain on both sides and no --record: the kernel-side pump forwards; RAM must match."""
+    uuid = "3c2b1a09-8f7e-4d6c-b5a4-938271605f4e"
+    with (
+        qemu_destination(tmp_path, ram_mib=RAM_MIB, uuid=uuid) as dst,
+        qemu_source(tmp_path, ram_mib=RAM_MIB, uuid=uuid) as src,
+    ):
+        prepare(dst, 4)
+        port = dst.migrate_incoming()
+        with twistd_qio(
+            tmp_path / "svc", ["proxy", "--to", f"127.0.0.1:{port}"], extra_output=False
+        ) as proxy:
+            prepare(src, 4)
+            src.migrate(f"tcp:127.0.0.1:{proxy.port}")
+            assert src.wait_migration(timeout=120)["status"] == "completed"
+            assert dst.wait_migration(timeout=120)["status"] == "completed"
+            check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+            log = proxy.log()
+            assert "failed" not in log, log

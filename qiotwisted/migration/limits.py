@@ -223,7 +223,7 @@ class FreeSpace:
         return Deferred.fromCoroutine(self._check())
 
     async def _check(self) -> str | None:
-        from .session import run_in_worker
+        from ..task import run_in_worker
 
         try:
             free = await run_in_worker(

@@ -47,9 +47,10 @@ from twisted.logger import Logger
 from .._pool import WorkerPool
 from ..channel import Channel
 from ..errors import ChannelError, QIOError
+from ..task import run_in_worker
 from . import wire
 from .limits import ConnectionLimiter, FreeSpace, IdleWatchdog, Limits
-from .session import ChannelSink, Session, SessionStatus, recover_incoming, run_in_worker
+from .session import ChannelSink, Session, SessionStatus, recover_incoming
 
 __all__ = ["DISK_FULL", "LOCK_NAME", "STOPPED_REASON", "Recorder"]
 

@@ -30,8 +30,9 @@ from twisted.python.failure import Failure
 from .._address import AddressLike
 from .._pool import WorkerPool
 from ..channel import Channel, SocketChannel
+from ..task import run_in_worker
 from . import wire
-from .session import MANIFEST, run_in_worker
+from .session import MANIFEST
 
 __all__ = ["ChannelPlan", "Progress", "ReplayError", "load_plan", "send_session"]
 

@@ -31,14 +31,14 @@ import uuid as _uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._pool import WorkerPool
-from ..task import Task
+from ..task import run_in_worker
 from . import wire
 
 __all__ = [
@@ -46,10 +46,8 @@ __all__ = [
     "Session",
     "SessionStatus",
     "recover_incoming",
-    "run_in_worker",
 ]
 
-_R = TypeVar("_R")
 
 MANIFEST = "manifest.json"
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -645,19 +643,6 @@ def _recovered_manifest(tmp_dir: Path, chunk: int) -> dict[str, Any]:
         "channels": channels,
         "recovered": True,
     }
-
-
-def run_in_worker(
-    fn: Callable[..., _R], *args: Any, pool: WorkerPool | None = None, reactor: Any = None
-) -> Deferred[_R]:
-    """Run ``fn(*args)`` as a Task in the worker pool; the Deferred fires in the reactor thread."""
-
-    def worker(task: Task[_R], _opaque: object) -> None:
-        task.set_result(fn(*args))
-
-    task: Task[_R] = Task(None, reactor=reactor, pool=pool)
-    task.run_in_thread(worker)
-    return task.deferred
 
 
 def _iso(t: float) -> str:

@@ -54,8 +54,9 @@ class _ServerOptions(usage.Options):
         self["tls-authz"].append(glob)
 
     def postOptions(self) -> None:
-        if isinstance(self["min-free-space"], str):  # the default is not coerced
-            self["min-free-space"] = _size(self["min-free-space"])
+        for key in ("min-free-space", "min-rate"):
+            if isinstance(self[key], str):  # the default is not coerced
+                self[key] = _size(self[key])
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if self["tls-authz"] and not self["tls-creds"]:
@@ -142,6 +143,15 @@ _LIMIT_PARAMETERS: list[list[Any]] = [
         "Free space to keep on the output filesystem (bytes, or with K/M/G/T): below it "
         "no session starts, and running ones are stopped and filed incomplete "
         "('disk nearly full'). Checked at each session start and every 5 s. 0: no check.",
+        _size,
+    ],
+    [
+        "min-rate",
+        None,
+        "1K",
+        "Bytes per second a session (all its channels) must average over each minute, or "
+        "it is stopped and filed incomplete: a source trickling a byte a second cannot "
+        "hold a session slot. A real migration sends far more. 0: no minimum.",
         _size,
     ],
     [
@@ -287,6 +297,7 @@ def _limits(opts: usage.Options) -> Any:
         max_connections_per_peer=opts["max-connections-per-peer"],
         max_sessions=opts["max-sessions"],
         min_free_space=opts["min-free-space"],
+        min_rate=opts["min-rate"],
     )
 
 

@@ -44,6 +44,7 @@ ROOMY = Limits(
     max_connections_per_peer=0,
     max_sessions=0,
     min_free_space=0,
+    min_rate=0,
 )
 
 
@@ -370,6 +371,44 @@ async def test_slow_but_steady_channel_is_not_idle(rigs: Any, reactor: Any) -> N
     for k in range(0, len(data), step):  # ~1.2 s in all, never 0.3 s of silence
         await ch.write_all(data[k : k + step])
         await deferLater(reactor, 0.15)
+    await ch.close()
+    path, status = await filed
+    assert status == "complete", manifest(path)
+
+
+async def test_a_trickling_session_is_stopped_by_min_rate(rigs: Any, reactor: Any) -> None:
+    """Slowloris after the header: a byte per 0.1 s is never idle, but far below min-rate."""
+    rig = await rigs(replace(ROOMY, min_rate=1000, rate_window=0.5))
+    data = build_stream().data
+    filed = rig.recorder.next_session()
+    ch = await rig.connect()
+    await ch.write_all(data[:100])
+    with capturedLogs() as events:
+        for k in range(100, 130):  # bounded: at most 3 s of trickle
+            if filed.called:
+                break
+            try:
+                await ch.write_all(data[k : k + 1])
+            except Exception:
+                break  # the recorder closed us
+            await deferLater(reactor, 0.1)
+        path, status = await filed
+    await ch.close()
+    m = manifest(path)
+    assert status == "incomplete"
+    assert "below the minimum of 1000 (min-rate)" in m["reason"], m["reason"]
+    assert "min-rate" in text(events)
+
+
+async def test_min_rate_leaves_a_real_rate_alone(rigs: Any, reactor: Any) -> None:
+    rig = await rigs(replace(ROOMY, min_rate=1000, rate_window=0.3))
+    data = build_stream(parts=4).data
+    filed = rig.recorder.next_session()
+    ch = await rig.connect()
+    step = len(data) // 8 + 1
+    for k in range(0, len(data), step):  # well above 1000 bytes/s, over several windows
+        await ch.write_all(data[k : k + step])
+        await deferLater(reactor, 0.1)
     await ch.close()
     path, status = await filed
     assert status == "complete", manifest(path)

@@ -37,6 +37,7 @@ __all__ = [
     "FreeSpace",
     "IdleWatchdog",
     "Limits",
+    "RateWatchdog",
     "format_size",
     "parse_size",
 ]
@@ -62,6 +63,11 @@ class Limits:
         session is open.
     :ivar disk_check_timeout: seconds a free-space check may take; a check that
         hangs counts as failed (no session starts on an unknown disk).
+    :ivar min_rate: bytes per second a session (all its channels together) must
+        average over each *rate_window*, or it is stopped and filed incomplete:
+        without it, sources that trickle a byte a second after their header
+        would hold every ``max_sessions`` slot forever.
+    :ivar rate_window: seconds over which *min_rate* is averaged.
     """
 
     handshake_timeout: float = 10.0
@@ -72,6 +78,8 @@ class Limits:
     min_free_space: int = GiB
     disk_check_interval: float = 5.0
     disk_check_timeout: float = 10.0
+    min_rate: int = 1024
+    rate_window: float = 60.0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -159,6 +167,50 @@ class IdleWatchdog:
             return
         self.fired = True
         self._on_idle()
+
+    def stop(self) -> None:
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+
+class RateWatchdog:
+    """Calls ``on_slow(rate)`` once if fewer than *min_rate* bytes per second
+    were :meth:`add`-ed over a *window*; reactor thread only.
+
+    One timer per window, whatever the traffic; ``min_rate`` or ``window`` 0
+    disables it.  :meth:`stop` before dropping it.
+    """
+
+    def __init__(
+        self, clock: Any, window: float, min_rate: int, on_slow: Callable[[float], object]
+    ) -> None:
+        self._clock = clock
+        self.window = window
+        self.min_rate = min_rate
+        self._on_slow = on_slow
+        self._call: Any = None
+        self.received = 0
+        self.fired = False
+
+    def start(self) -> RateWatchdog:
+        if self.window > 0 and self.min_rate > 0 and self._call is None and not self.fired:
+            self._call = self._clock.callLater(self.window, self._check)
+        return self
+
+    def add(self, nbytes: int) -> None:
+        self.received += nbytes
+
+    def _check(self) -> None:
+        self._call = None
+        rate = self.received / self.window
+        self.received = 0
+        if rate < self.min_rate:
+            self.fired = True
+            self._on_slow(rate)
+            return
+        self._call = self._clock.callLater(self.window, self._check)
 
     def stop(self) -> None:
         if self._call is not None:

@@ -35,6 +35,7 @@ parseable manifest (or, if even that cannot be written, left as
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +50,7 @@ from ..channel import Channel
 from ..errors import ChannelError, QIOError
 from ..task import run_in_worker
 from . import wire
-from .limits import ConnectionLimiter, FreeSpace, IdleWatchdog, Limits
+from .limits import ConnectionLimiter, FreeSpace, IdleWatchdog, Limits, RateWatchdog
 from .session import ChannelSink, Session, SessionStatus, recover_incoming
 
 __all__ = ["DISK_FULL", "LOCK_NAME", "STOPPED_REASON", "Recorder"]
@@ -114,6 +115,7 @@ class Recorder:
         self._channels: set[Channel] = set()
         self._filed_waiters: list[Deferred[tuple[Path, str]]] = []
         self._orphan_calls: dict[Session, Any] = {}
+        self._rates: dict[Session, RateWatchdog] = {}
         self._disk_call: Any = None
         self._disk_checking: Deferred[None] | None = None
         self._stopping = False
@@ -360,6 +362,12 @@ class Recorder:
                 return None
             session = Session(self.output, peer=peer, pool=self._pool, reactor=self.reactor)
             self._open.append(session)
+            self._rates[session] = RateWatchdog(
+                self.reactor,
+                self.limits.rate_window,
+                self.limits.min_rate,
+                functools.partial(self._too_slow, session),
+            ).start()
             self._reserve(session, main, uuid, channel_id)
             reason = await self.free_space.check()
             if reason is None:
@@ -371,6 +379,7 @@ class Recorder:
                 session.fail_open(reason)
             if reason is not None:
                 self._open.remove(session)
+                self._rates.pop(session).stop()
                 self.log.error("refused {peer}: {reason}", peer=peer, reason=reason)
                 return None
             self._ensure_disk_timer()
@@ -426,8 +435,19 @@ class Recorder:
             d = Deferred.fromCoroutine(self._file(session))
             d.addErrback(lambda f: self.log.failure("filing {name}", f, name=session.name))
 
+    def _too_slow(self, session: Session, rate: float) -> None:
+        reason = (
+            f"the source sent {rate:.0f} bytes/s over {self.limits.rate_window:g} s, "
+            f"below the minimum of {self.limits.min_rate} (min-rate)"
+        )
+        self.log.warn("session {name}: {reason}; stopping it", name=session.name, reason=reason)
+        session.stop(reason)
+
     async def _file(self, session: Session) -> None:
         session.closing = True
+        rate = self._rates.pop(session, None)
+        if rate is not None:
+            rate.stop()
         call = self._orphan_calls.pop(session, None)
         if call is not None and call.active():
             call.cancel()
@@ -507,6 +527,9 @@ class Recorder:
                     clean_eof = True
                     break
                 watchdog.touch()
+                rate = self._rates.get(session)
+                if rate is not None:
+                    rate.add(len(data))
                 sink.write(data)
                 drained = sink.drained()
                 if not drained.called:

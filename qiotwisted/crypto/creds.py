@@ -286,7 +286,10 @@ def _load_certs(data: bytes) -> list[x509.Certificate]:
     for block in _pem_blocks(data, b"CERTIFICATE", b"X509 CERTIFICATE"):
         try:
             cert = x509.load_pem_x509_certificate(block)
-            cert.subject, cert.issuer, cert.signature_hash_algorithm  # noqa: B018
+            # cryptography parses these lazily, and OpenSSL parses the
+            # certificate again when a context is built: touch them all here so
+            # a corrupt certificate fails now, as a TLSCredsError (found by fuzzing).
+            _ = (cert.subject, cert.issuer, cert.signature_hash_algorithm)
             cert.public_key()
             crypto.X509.from_cryptography(cert)
         except (

@@ -46,6 +46,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from qiotwisted.channel import port_of
+
 SEND_CHUNK = 1 << 20
 
 
@@ -136,7 +138,7 @@ def run_hs_server(variant: str, pki: Path, seconds: float) -> None:
             listener = NetListener(reactor=reactor)
             listener.set_client_func(client)
             (addr,) = await listener.open("tcp:0:interface=127.0.0.1", backlog=128)
-            print(addr.port, flush=True)  # type: ignore[attr-defined]
+            print(port_of(addr), flush=True)
         else:
             from twisted.internet import protocol
             from twisted.internet.interfaces import IHandshakeListener
@@ -149,10 +151,13 @@ def run_hs_server(variant: str, pki: Path, seconds: float) -> None:
                     started()
 
                 def handshakeCompleted(self) -> None:
-                    conn = self.transport.getHandle()  # type: ignore[union-attr]
+                    transport: Any = (
+                        self.transport
+                    )  # a TLS transport: getHandle() is its Connection
+                    conn = transport.getHandle()
                     finished(conn.get_protocol_version_name(), conn.get_cipher_name())
-                    self.transport.write(b"!")  # type: ignore[union-attr]
-                    self.transport.loseConnection()  # type: ignore[union-attr]
+                    transport.write(b"!")
+                    transport.loseConnection()
 
             factory = TLSMemoryBIOFactory(
                 twisted_options(pki), False, protocol.Factory.forProtocol(OneByte)
@@ -211,7 +216,9 @@ def run_hs_server_stdlib(pki: Path) -> None:
         try:
             with ctx.wrap_socket(conn, server_side=True) as s:
                 s.sendall(b"!")
-                version, cipher = str(s.version()), str(s.cipher()[0])  # type: ignore[index]
+                negotiated = s.cipher()
+                assert negotiated is not None  # the handshake is done inside wrap_socket
+                version, cipher = str(s.version()), negotiated[0]
                 n += 1
                 t1, c1 = time.perf_counter(), time.process_time()
         except OSError:
@@ -283,7 +290,7 @@ def run_bulk_receiver(variant: str, pki: Path, nbytes: int) -> None:
 
             creds = TLSCreds.load_sync(pki, "server")
             lis = SocketChannel.listen("127.0.0.1:0")
-            print(lis.get_local_address().port, flush=True)  # type: ignore[union-attr]
+            print(port_of(lis.get_local_address()), flush=True)
             sock = await lis.accept()
             await lis.close()
             tls = TLSChannel.new_server(sock, creds)
@@ -314,7 +321,8 @@ def run_bulk_receiver(variant: str, pki: Path, nbytes: int) -> None:
 
             def handshakeCompleted(self) -> None:
                 self.t0, self.c0 = time.perf_counter(), time.process_time()
-                handle = self.transport.getHandle()  # type: ignore[union-attr]
+                transport: Any = self.transport  # a TLS transport: getHandle() is its Connection
+                handle = transport.getHandle()
                 self.cipher = handle.get_cipher_name()
 
             def dataReceived(self, data: bytes) -> None:

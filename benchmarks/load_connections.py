@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qiotwisted.channel import port_of
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.test_load import fd_count, source_address, thread_count
@@ -71,7 +73,7 @@ def client_main(port: int, n: int, hold: float) -> int:
     socks = open_clients(port, n)
     print("open", flush=True)
     sys.stdin.readline()  # the server says when to close (bounded by its own timeout)
-    time.sleep(hold)
+    time.sleep(hold)  # keep them open a fixed, bounded time (--hold)
     for s in socks:
         s.close()
     print("closed", flush=True)
@@ -107,7 +109,7 @@ def run_twistd(n: int, hold: float, backlog: int) -> dict[str, Any]:
         r["connect_s"] = round(time.monotonic() - t0, 2)
         wait_for(lambda: fd_count(pid) >= r["fds_before"] + n, 30)
         r["fds_held"], r["threads_held"] = fd_count(pid), thread_count(pid)
-        time.sleep(hold)
+        time.sleep(hold)  # hold the connections open for --hold seconds, bounded
         for s in socks:
             s.close()
         wait_for(lambda: fd_count(pid) <= r["fds_before"], 30)
@@ -161,24 +163,25 @@ def run_inprocess(n: int, hold: float) -> dict[str, Any]:
             listener = NetListener(name="load")
             listener.set_client_func(rec.client_func)
             (addr,) = await listener.open("tcp:0:interface=127.0.0.1", backlog=1024)
-            port = addr.port  # type: ignore[attr-defined]
+            port = port_of(addr)
             child = subprocess.Popen(
                 [sys.executable, __file__, "--client", str(port), str(n), str(hold)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
             )
             assert child.stdin is not None and child.stdout is not None
-            os.set_blocking(child.stdout.fileno(), False)
+            stdin, stdout = child.stdin, child.stdout
+            os.set_blocking(stdout.fileno(), False)
             said = bytearray()
 
             def heard(word: bytes) -> bool:
                 with contextlib.suppress(BlockingIOError, TypeError):
-                    said.extend(os.read(child.stdout.fileno(), 4096))  # type: ignore[union-attr]
+                    said.extend(os.read(stdout.fileno(), 4096))
                 return word in said
 
             def tell(word: bytes) -> None:
-                child.stdin.write(word + b"\n")  # type: ignore[union-attr]
-                child.stdin.flush()  # type: ignore[union-attr]
+                stdin.write(word + b"\n")
+                stdin.flush()
 
             await deferLater(reactor, 0.1)
             r["fds_before"], r["threads_before"] = fd_count(), threading.active_count()

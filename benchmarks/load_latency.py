@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qiotwisted.channel import port_of
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.test_load import LatenessProbe, source_address, stdlib_client_context
@@ -116,6 +118,7 @@ def main() -> int:
 
         size = a.per_turn << 10
         recorder_mod.READ_SIZE = size
+        # Diagnosis knob: overrides a Final constant on purpose, for this run only.
         tls_mod._FEED = size  # type: ignore[misc]
         init: Any = socket_mod.SocketChannel.__init__
         init.__kwdefaults__ = {**init.__kwdefaults__, "read_burst": size}
@@ -139,7 +142,7 @@ def main() -> int:
         listener = NetListener(name="latency")
         listener.set_client_func(recorder.client_func)
         (addr,) = await listener.open("tcp:0:interface=127.0.0.1", backlog=256)
-        port = int(addr.port)  # type: ignore[attr-defined]
+        port = port_of(addr)
         client = subprocess.Popen(
             [
                 sys.executable,

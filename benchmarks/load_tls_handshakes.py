@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qiotwisted.channel import port_of
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -125,7 +127,7 @@ def serve(kind: str, pki_dir: Path, clients: int, per_client: int) -> dict[str, 
 
         async def listen() -> int:
             (addr,) = await listener.open("tcp:0:interface=127.0.0.1", backlog=1024)
-            return int(addr.port)  # type: ignore[attr-defined]
+            return port_of(addr)
 
     else:
         from twisted.internet.interfaces import IHandshakeListener
@@ -139,8 +141,9 @@ def serve(kind: str, pki_dir: Path, clients: int, per_client: int) -> dict[str, 
 
             def handshakeCompleted(self) -> None:
                 self.shook = True
-                self.transport.write(b"k")  # type: ignore[union-attr]
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                assert self.transport is not None
+                self.transport.write(b"k")
+                self.transport.loseConnection()
                 done(True)
 
             def connectionLost(self, reason: Any = None) -> None:
@@ -151,6 +154,8 @@ def serve(kind: str, pki_dir: Path, clients: int, per_client: int) -> dict[str, 
             def getContext(self) -> Any:
                 return creds.context
 
+        # Ctx is the duck-typed context factory TLSMemoryBIOFactory calls
+        # getContext() on; Twisted's annotation names its own class only.
         factory = TLSMemoryBIOFactory(Ctx(), False, Factory.forProtocol(OneByte))  # type: ignore[arg-type]
 
         async def listen() -> int:

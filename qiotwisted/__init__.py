@@ -8,6 +8,7 @@ from .channel import (
     Shutdown,
     SocketChannel,
     TLSChannel,
+    port_of,
 )
 from .coroutine import (
     CoMutex,
@@ -55,5 +56,6 @@ __all__ = [
     "coroutine_self",
     "coroutine_yield",
     "in_coroutine",
+    "port_of",
     "run_in_worker",
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "from_sockaddr",
     "from_twisted",
     "parse_address",
+    "port_of",
 ]
 
 
@@ -199,3 +200,17 @@ def from_twisted(addr: object) -> SocketAddress:
     if isinstance(addr, _taddress.UNIXAddress):
         return UnixSocketAddress(os.fsdecode(addr.name or b""))
     raise ValueError(f"Unsupported address {addr!r}")
+
+
+def port_of(address: object) -> int:
+    """The TCP port of *address*: a Twisted ``IPv4Address``/``IPv6Address`` (what
+    :meth:`NetListener.open <qiotwisted.NetListener.open>` returns) or an
+    :class:`InetSocketAddress` (what ``SocketChannel.get_local_address()`` returns).
+
+    Raises :class:`ValueError` for an address without a port (UNIX, fd), so a
+    caller learns the port of a ``tcp:0`` listener without casting.
+    """
+    port = getattr(address, "port", None)
+    if not isinstance(port, int):
+        raise ValueError(f"{address!r} has no TCP port")
+    return port

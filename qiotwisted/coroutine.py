@@ -58,7 +58,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from collections.abc import Coroutine as _CoroutineABC
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -303,7 +303,8 @@ class Coroutine(Generic[_T]):
             raise CoroutineError(f"{self!r} has not terminated")
         if self._failure is not None:
             self._failure.raiseException()
-        return self._value  # type: ignore[return-value]
+        # Terminated without a failure: _value holds the entry's return value.
+        return cast(_T, self._value)
 
     @property
     def deferred(self) -> Deferred[_T]:
@@ -576,7 +577,7 @@ class Coroutine(Generic[_T]):
         if self._failure is not None:
             d.errback(self._failure)
         else:
-            d.callback(self._value)  # type: ignore[arg-type]
+            d.callback(cast(_T, self._value))  # terminated: the entry's return value
         return True
 
     def _report(self, failure: Failure) -> None:

@@ -71,4 +71,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         def wrapper(*a: Any, __fn: Any = fn, __limit: float = limit, **kw: Any) -> Any:
             return defer.Deferred.fromCoroutine(__fn(*a, **kw)).addTimeout(__limit, _reactor())
 
-        item.obj = wrapper  # type: ignore[attr-defined]
+        item.obj = wrapper  # type: ignore[attr-defined]  # pytest.Item has no typed obj

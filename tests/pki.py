@@ -159,7 +159,7 @@ class TestPKI:
             elif isinstance(value, x509.Certificate):
                 out[fname] = (_pki.cert_pem(value), 0o644)
             else:
-                out[fname] = (_pki.key_pem(value), 0o600)  # type: ignore[arg-type]
+                out[fname] = (_pki.key_pem(value), 0o600)  # type: ignore[arg-type]  # the remaining case is a key
         _pki.write_pem_files(d, out)
         return d
 

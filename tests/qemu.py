@@ -125,7 +125,7 @@ class QMPClient:
             except OSError as e:
                 s.close()
                 last = e
-                time.sleep(0.01)
+                time.sleep(0.01)  # bounded retry until QEMU's QMP socket exists
                 continue
             self._sock = s
             greeting = self._read_message(deadline)
@@ -255,7 +255,7 @@ class QemuVM:
                 raise
             if last.get("status") in ("completed", "failed", "cancelled"):
                 return last
-            time.sleep(poll)
+            time.sleep(poll)  # bounded poll of query-migrate (deadline above)
         raise TimeoutError(f"{self.name}: migration not finished after {timeout} s: {last}")
 
     def migrate_incoming(self, uri: str = "tcp:127.0.0.1:0") -> int:
@@ -269,7 +269,7 @@ class QemuVM:
                     # 7.2 reports the port as a string.
                     self.incoming_port = int(addr["port"])
                     return self.incoming_port
-            time.sleep(0.01)
+            time.sleep(0.01)  # bounded poll (deadline above)
         raise QMPError(f"{self.name}: query-migrate never showed the listening port")
 
     def query_status(self) -> dict[str, Any]:
@@ -441,12 +441,15 @@ def qemu_destination(
         vm.stop()
 
 
-def check_ram(dst: QemuVM, src_ram_path: Path, *, dump_path: Path | None = None) -> None:
+def check_ram(dst: QemuVM, src_ram_path: Path | None, *, dump_path: Path | None = None) -> None:
     """``pmemsave`` the destination and compare with the source's RAM file.
 
-    Skips 640 KiB - 1 MiB (VGA/BIOS).  Raises :class:`AssertionError` naming
-    the first differing offset.  The dump is removed afterwards.
+    Takes ``src.ram_path`` as it is (only sources have one: ``None`` is an
+    error).  Skips 640 KiB - 1 MiB (VGA/BIOS).  Raises :class:`AssertionError`
+    naming the first differing offset.  The dump is removed afterwards.
     """
+    if src_ram_path is None:
+        raise AssertionError("check_ram needs a source's RAM file (src.ram_path)")
     size = src_ram_path.stat().st_size
     dump = dump_path or dst.workdir / f"{dst.name}-pmemsave.bin"
     dst.pmemsave(dump, size)

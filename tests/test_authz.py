@@ -124,7 +124,7 @@ def test_authz_simple_exact_only() -> None:
 
 def test_authz_simple_needs_identity() -> None:
     with pytest.raises(AuthzError, match="The 'identity' property must be set"):
-        AuthzSimple(None)  # type: ignore[arg-type]
+        AuthzSimple(None)  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_require_raises_qemu_message_and_logs_reason() -> None:
@@ -521,7 +521,7 @@ def _authz_verdicts(log: Path, count: int, deadline: float) -> list[tuple[str, b
             raise AssertionError(
                 f"QEMU logged no authz verdict:\n{log.read_text(errors='replace')}"
             )
-        time.sleep(0.02)
+        time.sleep(0.02)  # bounded poll of QEMU's trace log (deadline above)
 
 
 @pytest.mark.qemu
@@ -592,7 +592,7 @@ def test_qemu_authz_sees_dn_string_and_agrees_with_our_rules(pki: TestPKI, tmp_p
                 port = int(addr["port"])
             if port:
                 break
-            time.sleep(0.05)
+            time.sleep(0.05)  # bounded poll of query-migrate for the port
         assert port
         for i, (name, _props, ours) in enumerate(cases):
             qmp.execute("migrate-set-parameters", {"tls-authz": f"auth{i}"})
@@ -604,7 +604,7 @@ def test_qemu_authz_sees_dn_string_and_agrees_with_our_rules(pki: TestPKI, tmp_p
             finally:
                 sock.close()
             assert seen == identity, name
-            assert ours.is_allowed(seen) is allowed, name  # type: ignore[attr-defined]
+            assert ours.is_allowed(seen) is allowed, name  # type: ignore[attr-defined]  # every Authz kind has it
         text = log.read_text(errors="replace")
     assert f"TLS x509 authz check for {identity} is denied" in text
     verdicts = [v for _, v in _authz_verdicts(log, len(cases), time.monotonic())]

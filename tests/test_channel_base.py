@@ -24,7 +24,7 @@ class FakeChannel(Channel):
     """A channel over two in-memory queues; the test controls readiness."""
 
     def __init__(self, reactor: TurnReactor, features: Feature = Feature.CONCURRENT_IO) -> None:
-        super().__init__(reactor=reactor)  # type: ignore[arg-type]
+        super().__init__(reactor=reactor)  # type: ignore[arg-type]  # a step-able fake, not a full IReactorTime
         self.features = features
         self.inbox = bytearray()
         self.inbox_fds: list[int] = []

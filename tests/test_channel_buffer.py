@@ -116,7 +116,7 @@ def test_peek_and_fds_unsupported() -> None:
 
 def test_watch_always_ready_and_masked() -> None:
     clock = TurnReactor()
-    buf = BufferChannel(reactor=clock)  # type: ignore[arg-type]
+    buf = BufferChannel(reactor=clock)  # type: ignore[arg-type]  # a step-able fake, not a full IReactorTime
     seen: list[tuple[str, Condition]] = []
 
     def record(ch: Channel, cond: Condition, tag: str) -> bool:

@@ -127,7 +127,7 @@ async def test_null_close_removes_watches_and_fails_waiters(reactor: Any) -> Non
 def test_null_watch_fires_on_exactly_one_turn() -> None:
     """The same scenario with a step-able reactor: one turn, one dispatch."""
     turns = TurnReactor()
-    null = NullChannel(reactor=turns)  # type: ignore[arg-type]
+    null = NullChannel(reactor=turns)  # type: ignore[arg-type]  # a step-able fake, not a full IReactorTime
     gotcond: list[Condition] = []
     watch = null.add_watch(Condition.IN, _record(gotcond))
     assert gotcond == []

@@ -27,7 +27,15 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, gathe
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import provider
 
-from qiotwisted.channel import WOULD_BLOCK, Channel, Condition, Feature, Shutdown, SocketChannel
+from qiotwisted.channel import (
+    WOULD_BLOCK,
+    Channel,
+    Condition,
+    Feature,
+    Shutdown,
+    SocketChannel,
+    port_of,
+)
 from qiotwisted.channel._base import Buffer, WouldBlock
 from qiotwisted.channel._tlspump import EOFKind, TLSError, TLSPump
 from qiotwisted.channel.tls import MAX_WRITE, TLSChannel, TLSHandshakeError
@@ -818,7 +826,7 @@ def _count_tickets(port: int, ca_pem: bytes, cert: Path, key: Path) -> tuple[int
         if direction == "read" and ctype == 22 and mtype == 4:  # handshake / new_session_ticket
             tickets += 1
 
-    ctx._msg_callback = on_msg  # type: ignore[attr-defined]
+    ctx._msg_callback = on_msg  # type: ignore[attr-defined]  # pyOpenSSL's private hook: the only way to count tickets
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as s:
             first = s.recv(1)  # tickets, if any, come before the server's first byte
@@ -840,7 +848,7 @@ async def test_receiver_policy_sends_no_session_tickets(
     """
     creds = TLSCreds.load_sync(pki.server_dir, "server", priority=priority)
     lis = SocketChannel.listen("127.0.0.1:0")
-    port = lis.get_local_address().port  # type: ignore[union-attr]
+    port = port_of(lis.get_local_address())
     counting = threads.deferToThread(
         _count_tickets,
         port,

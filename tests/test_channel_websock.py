@@ -32,7 +32,15 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from qiotwisted.channel import WOULD_BLOCK, Channel, Condition, Feature, Shutdown, SocketChannel
+from qiotwisted.channel import (
+    WOULD_BLOCK,
+    Channel,
+    Condition,
+    Feature,
+    Shutdown,
+    SocketChannel,
+    port_of,
+)
 from qiotwisted.channel._wsproto import MAX_HANDSHAKE_SIZE, Opcode, encode_frame
 from qiotwisted.channel.pipe import PipeChannel, pipe_pair
 from qiotwisted.channel.websock import (
@@ -607,7 +615,7 @@ class Server:
 
     def __init__(self, **ws_kw: Any) -> None:
         self.lis = SocketChannel.listen("127.0.0.1:0")
-        self.port = self.lis.get_local_address().port  # type: ignore[union-attr]
+        self.port = port_of(self.lis.get_local_address())
         self.ws_kw = ws_kw
 
     async def accept(self) -> WebsockChannel:
@@ -797,7 +805,7 @@ async def test_interop_websocket_over_tls(reactor: Any, pki: TestPKI, client_cer
 
     creds = TLSCreds.load_sync(pki.server_dir, endpoint="server", verify_peer=client_cert)
     lis = SocketChannel.listen("127.0.0.1:0")
-    port = lis.get_local_address().port  # type: ignore[union-attr]
+    port = port_of(lis.get_local_address())
     context = ssl.create_default_context(cafile=str(pki.server_dir / "ca-cert.pem"))
     if client_cert:
         context.load_cert_chain(

@@ -444,12 +444,12 @@ def test_entry_must_return_a_coroutine() -> None:
     def not_async(_: object) -> int:
         return 1
 
-    co: Coroutine[Any] = Coroutine(not_async)  # type: ignore[arg-type]
+    co: Coroutine[Any] = Coroutine(not_async)  # type: ignore[arg-type]  # wrong on purpose
     with pytest.raises(TypeError, match="not a coroutine"):
         co.enter()
     assert co.done
     with pytest.raises(TypeError):
-        Coroutine(42)  # type: ignore[arg-type]
+        Coroutine(42)  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_exception_propagates_out_of_enter() -> None:

@@ -912,7 +912,7 @@ def test_qemu_source_migrates_into_a_server_built_from_tlscreds(
             status = qmp.execute("query-migrate")
             if status.get("status") in ("completed", "failed"):
                 break
-            time.sleep(0.05)
+            time.sleep(0.05)  # bounded poll of query-migrate (200 tries)
         assert status.get("status") == "completed", log.read_text(errors="replace")
     assert not thread.is_alive()
     assert result["version"] == "TLSv1.2"

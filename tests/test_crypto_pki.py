@@ -57,8 +57,9 @@ def test_generate_round_trip(tmp_path: Path) -> None:
     assert pki.client_dn == dn_string(client) == "C=UK,O=qiotwisted,CN=qemu-client"
     assert pki.server_dn == dn_string(server) == "C=UK,O=qiotwisted,CN=localhost"
     assert pki.ca_dn == dn_string(ca) == "C=UK,O=qiotwisted,CN=qiotwisted CA"
-    assert isinstance(server.public_key(), ec.EllipticCurvePublicKey)
-    assert server.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+    key = server.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    assert key.curve.name == "secp256r1"
 
     bc = _ext(ca, x509.BasicConstraints)
     assert bc.critical and bc.value.ca
@@ -98,8 +99,9 @@ def test_validity_days(tmp_path: Path) -> None:
 def test_rsa_keys(tmp_path: Path) -> None:
     pki = generate_pki_sync(tmp_path / "rsa", key_type="rsa")
     server = _cert(pki.server_cert)
-    assert isinstance(server.public_key(), rsa.RSAPublicKey)
-    assert server.public_key().key_size == 3072  # type: ignore[union-attr]
+    key = server.public_key()
+    assert isinstance(key, rsa.RSAPublicKey)
+    assert key.key_size == 3072
     ku = _ext(server, x509.KeyUsage).value
     assert ku.digital_signature and ku.key_encipherment  # RSA may need both
     TLSCreds.load_sync(pki.directory, "server")

@@ -74,7 +74,7 @@ def test_errors_use_qemus_messages(resolver: Resolver) -> None:
     with pytest.raises(ValueError, match="family"):
         resolver.lookup_sync(("localhost", 80), socket.AF_UNIX)
     with pytest.raises(ValueError, match="host, port"):
-        resolver.lookup_sync(("localhost", 80, 0))  # type: ignore[arg-type]
+        resolver.lookup_sync(("localhost", 80, 0))  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_lookup_on_the_memory_pool() -> None:

@@ -162,7 +162,7 @@ def test_destination_receives_a_qemu_tls_migration_that_loads_back(tmp_path: Pat
             dst.set_parameters()
             stdlib_send(dst.migrate_incoming(), stream, timeout=120)
             assert dst.wait_migration(timeout=120)["status"] == "completed"
-            check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+            check_ram(dst, src.ram_path)
 
 
 @pytest.mark.qemu
@@ -191,4 +191,4 @@ def test_source_sends_a_recording_into_a_qemu_tls_destination(tmp_path: Path) ->
             assert f"with {SERVER_DN}" in out
             assert f"sent {size} of {size} bytes (100%" in out
             assert re.search(rf"^sent {size} bytes of {size} in ", out, re.MULTILINE), out
-            check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+            check_ram(dst, src.ram_path)

@@ -35,6 +35,7 @@ import pytest_twisted
 from twisted.logger import capturedLogs
 
 from qiotwisted._pool import ThreadWorkerPool
+from qiotwisted.channel import port_of
 from qiotwisted.errors import QIOError
 from qiotwisted.migration import session as session_mod
 from qiotwisted.migration.recorder import LOCK_NAME, STOPPED_REASON, Recorder
@@ -77,7 +78,7 @@ async def rigs(reactor: Any, tmp_path: Path) -> AsyncIterator[Any]:
         r = Rig(reactor, tmp_path / "rec", limits, **kw)
         made.append(r)
         (address,) = await r.listener.open("tcp:0:interface=127.0.0.1")
-        r.port = address.port  # type: ignore[attr-defined]
+        r.port = port_of(address)
         return r
 
     yield make

@@ -23,7 +23,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 
-from qiotwisted.channel import SocketChannel
+from qiotwisted.channel import SocketChannel, port_of
 from qiotwisted.listener import NetListener
 from qiotwisted.migration.limits import (
     ConnectionLimiter,
@@ -539,13 +539,13 @@ async def proxy_rig(reactor: Any) -> AsyncIterator[Any]:
     async def make(limits: Limits) -> tuple[Client, Destination]:
         dst = Destination(reactor)
         (daddr,) = await dst.listener.open("tcp:0:interface=127.0.0.1")
-        dst.port = daddr.port  # type: ignore[attr-defined]
+        dst.port = port_of(daddr)
         proxy = Proxy(f"127.0.0.1:{dst.port}", reactor=reactor, limits=limits)
         listener = NetListener(reactor=reactor, name="test-proxy")
         listener.set_client_func(proxy.client_func)
         (address,) = await listener.open("tcp:0:interface=127.0.0.1")
         made.append((proxy, listener, dst))
-        return Client(reactor, address.port), dst  # type: ignore[attr-defined]
+        return Client(reactor, port_of(address)), dst
 
     yield make
     for proxy, listener, dst in made:

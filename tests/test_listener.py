@@ -187,7 +187,7 @@ async def test_backlog_reaches_the_socket(reactor: Any, sock_dir: Path) -> None:
     listener = NetListener()
     await listener.open("tcp:0:interface=127.0.0.1", backlog=3)
     await listener.open(f"unix:{sock_dir / 'b.sock'}", backlog=4)
-    assert [p.backlog for p in listener.ports] == [3, 4]  # type: ignore[attr-defined]
+    assert [p.backlog for p in listener.ports] == [3, 4]  # type: ignore[attr-defined]  # Twisted Port attribute, untyped
     with pytest.raises(ValueError, match="backlog is not supported by systemd"):
         await listener.open("systemd:domain=INET:index=0", backlog=5)
     await listener.disconnect()

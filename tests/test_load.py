@@ -260,7 +260,7 @@ def slowloris(
     while time.monotonic() < until and any(
         s.opened == 0 and t.is_alive() for s, t in zip(out, threads, strict=True)
     ):
-        time.sleep(0.01)
+        time.sleep(0.01)  # bounded wait for the client threads to connect (deadline above)
     go.set()
     return out, threads
 

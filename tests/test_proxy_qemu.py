@@ -44,7 +44,7 @@ def test_proxy_forwards_and_records(tmp_path: Path, multifd: int) -> None:
             src.migrate(f"tcp:127.0.0.1:{proxy.port}")
             assert src.wait_migration(timeout=120)["status"] == "completed"
             assert dst.wait_migration(timeout=120)["status"] == "completed"
-            check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+            check_ram(dst, src.ram_path)
             proxy.output = record
             (manifest,) = proxy.wait_sessions(1, timeout=60)
             assert manifest["status"] == "complete", manifest
@@ -93,6 +93,6 @@ def test_plain_multifd_proxy_without_tap_uses_the_splice_pump(tmp_path: Path) ->
             src.migrate(f"tcp:127.0.0.1:{proxy.port}")
             assert src.wait_migration(timeout=120)["status"] == "completed"
             assert dst.wait_migration(timeout=120)["status"] == "completed"
-            check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+            check_ram(dst, src.ram_path)
             log = proxy.log()
             assert "failed" not in log, log

@@ -211,7 +211,7 @@ def test_hung_multifd_destination_is_killed(tmp_path: Path) -> None:
         chan = tmp_path / "mf.bin"
         chan.write_bytes(MultifdInit.build(uuid=bytes(16), channel_id=0))
         stdlib_send(port, main_file, [chan], timeout=10)
-        time.sleep(0.2)
+        time.sleep(0.2)  # let QEMU read the bad init packet; it then hangs (checked next)
         pid = dst.proc.pid
         assert dst.proc.poll() is None  # hung, not exited
         t0 = time.monotonic()

@@ -61,7 +61,7 @@ def test_record_a_real_migration_then_replay_it_into_qemu(tmp_path: Path) -> Non
             port = dst.migrate_incoming()
             stdlib_send(port, main)
             assert dst.wait_migration(timeout=120)["status"] == "completed"
-            check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+            check_ram(dst, src.ram_path)
 
 
 def test_source_killed_mid_stream_leaves_an_incomplete_session(tmp_path: Path) -> None:

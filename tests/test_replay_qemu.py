@@ -82,7 +82,7 @@ def test_plain_record_inspect_send(tmp_path: Path) -> None:
             assert summary["ok"] is True
             assert summary["channels"][0]["delivered"] is True
             assert dst.wait_migration(timeout=120)["status"] == "completed"
-            check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+            check_ram(dst, src.ram_path)
 
 
 @pytest.mark.parametrize("channels", [2, 4])
@@ -105,7 +105,7 @@ def test_multifd_record_inspect_send_with_uuid_rewrite(tmp_path: Path, channels:
             sent = qio("send", str(session), "--to", f"127.0.0.1:{port}", "--uuid", other)
             assert sent.returncode == 0, sent.stderr
             assert dst.wait_migration(timeout=60)["status"] == "completed"
-            check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+            check_ram(dst, src.ram_path)
 
 
 def test_inspect_reports_where_a_truncated_recording_breaks(tmp_path: Path) -> None:

@@ -254,7 +254,7 @@ async def test_wait_thread_real_threads(reactor: Any) -> None:
     worker_thread: list[int] = []
 
     def worker(task: Task[Any], _: object) -> None:
-        time.sleep(0.05)
+        time.sleep(0.05)  # a worker that is still running when wait_thread() is called
         worker_thread.append(threading.get_ident())
         task.set_result("slow")
 
@@ -628,7 +628,7 @@ async def test_worker_threads_are_named_and_bounded(reactor: Any) -> None:
             if running == 2:
                 both.set()
         both.wait(5)  # the first two jobs overlap for sure; a third never can
-        time.sleep(0.005)
+        time.sleep(0.005)  # stay busy a moment so a third job would overlap if the pool let it
         with lock:
             running -= 1
 
@@ -753,7 +753,7 @@ def test_shutdown_stops_the_pool_with_a_reactor_stand_in() -> None:
             if t.cancelled:
                 order.append("worker saw cancel")
                 return
-            time.sleep(0.01)
+            time.sleep(0.01)  # a cooperative worker polling task.cancelled (bounded loop)
 
     a: Task[None] = Task(Dummy(), task_callback, running, pool=pool)
     a.run_in_thread(cooperative, None, lambda o: order.append("thread destroy"))
@@ -795,7 +795,7 @@ def test_process_exits_promptly_with_work_pending(tmp_path: Path) -> None:
                     if t.cancelled:
                         say("worker saw cancel")
                         return
-                    time.sleep(0.01)
+                    time.sleep(0.01)  # cooperative polling of task.cancelled (bounded loop)
 
             def func(t, name):
                 say(name + " completed: " + type(t.propagate_error()).__name__)

@@ -28,7 +28,7 @@ import pytest
 from twisted.internet import task, threads
 from twisted.internet.defer import Deferred
 
-from qiotwisted.channel import SocketChannel
+from qiotwisted.channel import SocketChannel, port_of
 from qiotwisted.channel.tls import TLSChannel
 from qiotwisted.crypto import TLSCreds
 from qiotwisted.crypto import pki as _pki
@@ -214,7 +214,7 @@ async def test_stdlib_ssl_client_with_our_server(
     reactor: Any, pki: TestPKI, creds: tuple[TLSCreds, TLSCreds], version: ssl.TLSVersion
 ) -> None:
     lis = SocketChannel.listen("127.0.0.1:0")
-    port = lis.get_local_address().port  # type: ignore[union-attr]
+    port = port_of(lis.get_local_address())
     client = threads.deferToThread(_stdlib_client, port, pki, version)
     sock = await lis.accept()
     await lis.close()
@@ -277,7 +277,7 @@ def _read_exactly(stream: IO[bytes], n: int) -> bytes:
     parts: list[bytes] = []
     got = 0
     while got < n:
-        data = stream.read1(n - got)  # type: ignore[attr-defined]
+        data = stream.read1(n - got)  # type: ignore[attr-defined]  # a buffered pipe: read1 exists
         if not data:
             break
         parts.append(data)
@@ -290,7 +290,7 @@ async def test_openssl_s_client_with_our_server(
 ) -> None:
     openssl = _tool("openssl")
     lis = SocketChannel.listen("127.0.0.1:0")
-    port = lis.get_local_address().port  # type: ignore[union-attr]
+    port = port_of(lis.get_local_address())
     d = pki.full_dir
     cmd = [
         openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
@@ -386,7 +386,7 @@ async def test_gnutls_cli_with_our_server(
 ) -> None:
     gnutls_cli = _tool("gnutls-cli")
     lis = SocketChannel.listen("127.0.0.1:0")
-    port = lis.get_local_address().port  # type: ignore[union-attr]
+    port = port_of(lis.get_local_address())
     d = pki.full_dir
     logfile = tmp_path / "gnutls-cli.log"
     cmd = [

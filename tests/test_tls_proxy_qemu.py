@@ -68,7 +68,7 @@ def test_proxy_tls_matrix(
             src.migrate(f"tcp:127.0.0.1:{proxy.port}")
             assert src.wait_migration(timeout=120)["status"] == "completed", proxy.log()
             assert dst.wait_migration(timeout=120)["status"] == "completed", proxy.log()
-            check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+            check_ram(dst, src.ram_path)
             proxy.output = tmp_path / "tap"
             (manifest,) = proxy.wait_sessions(1, timeout=60)
             assert manifest["status"] == "complete", manifest
@@ -99,4 +99,4 @@ def test_qio_send_over_tls_multifd(tmp_path: Path, creds: Path) -> None:
                 assert sent.returncode == 0, sent.stderr
                 assert json.loads(sent.stdout)["ok"] is True
                 assert dst.wait_migration(timeout=60)["status"] == "completed"
-                check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+                check_ram(dst, src.ram_path)

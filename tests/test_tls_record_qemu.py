@@ -60,7 +60,7 @@ def test_tls_migration_recorded_complete_with_dn_and_replays(tmp_path: Path) -> 
             port = dst.migrate_incoming()
             stdlib_send(port, session / "main.bin", timeout=180)
             assert dst.wait_migration(timeout=180)["status"] == "completed"
-            check_ram(dst, src.ram_path)  # type: ignore[arg-type]
+            check_ram(dst, src.ram_path)
 
 
 def test_client_cert_from_another_ca_fails_and_stores_nothing(tmp_path: Path) -> None:

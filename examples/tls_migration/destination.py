@@ -28,6 +28,7 @@ from typing import IO, Any, TypeVar
 from twisted.internet import defer, task
 
 from qiotwisted import NetListener, QIOError, Task
+from qiotwisted.channel import port_of
 from qiotwisted.channel.tls import TLSChannel
 from qiotwisted.crypto import PRIORITY_QEMU_RECEIVER, TLSCreds
 from qiotwisted.migration.wire import MainStreamWalker, WireError
@@ -59,7 +60,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     )
     listener = NetListener(reactor=reactor, name="migration-tls-incoming")
     (address,) = await listener.open(f"tcp:{args.port}:interface=127.0.0.1")
-    print(f"listening on 127.0.0.1:{address.port}", flush=True)  # type: ignore[attr-defined]
+    print(f"listening on 127.0.0.1:{port_of(address)}", flush=True)
     out = await in_thread(open, args.output, "wb")
     walker = MainStreamWalker()  # fed in the writing worker: is the stream complete?
     tls: TLSChannel | None = None

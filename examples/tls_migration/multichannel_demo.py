@@ -42,6 +42,7 @@ from twisted.logger import (
 from zope.interface import provider
 
 from qiotwisted import NetListener, SocketChannel, Task
+from qiotwisted.channel import port_of
 from qiotwisted.channel.tls import TLSChannel
 from qiotwisted.crypto import TLSCreds, generate_pki
 from qiotwisted.task import set_trace_enabled
@@ -160,7 +161,7 @@ async def main(reactor: Any, tmp: str, mib: int) -> None:
     listener = NetListener(reactor=reactor, name="demo-destination")
     listener.set_client_func(on_client)
     (address,) = await listener.open("tcp:0:interface=127.0.0.1")
-    port: int = address.port  # type: ignore[attr-defined]
+    port = port_of(address)
     print(f"destination listening on 127.0.0.1:{port}", flush=True)
     started, stripe = time.monotonic(), -(-size // CHANNELS)
     sends = [send(port, client_creds, src, off, min(stripe, size - off))

@@ -6,6 +6,7 @@ from .._address import (
     SocketAddress,
     UnixSocketAddress,
     parse_address,
+    port_of,
 )
 from ._base import WOULD_BLOCK, Channel, Condition, Feature, Shutdown, Watch, WouldBlock
 from .buffer import BufferChannel
@@ -49,4 +50,5 @@ __all__ = [
     "channel_new_fd",
     "parse_address",
     "pipe_pair",
+    "port_of",
 ]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Generic, TypeAlias, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -184,7 +184,8 @@ class _Outcome(Generic[_T]):
             return d
         if isinstance(self._result, Failure):
             return fail(self._result)
-        return succeed(self._result)  # type: ignore[arg-type]
+        # Neither pending nor a Failure: it is the _T that fire() recorded.
+        return succeed(cast(_T, self._result))
 
     def fire(self, result: object) -> None:
         """Record *result* (a value or a Failure) and fire the observers; consumes a Failure."""
@@ -194,7 +195,7 @@ class _Outcome(Generic[_T]):
             if isinstance(result, Failure):
                 d.errback(result)
             else:
-                d.callback(result)  # type: ignore[arg-type]
+                d.callback(cast(_T, result))  # fire() records a _T or a Failure
 
 
 class Channel:

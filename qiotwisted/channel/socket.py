@@ -75,7 +75,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IReadDescriptor,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -172,7 +172,7 @@ class SocketProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.channel._connection_lost(reason)
 
     # IPushProducer, registered on our own transport: Twisted tells us when its
@@ -472,6 +472,7 @@ class SocketChannel(Channel):
             probe = _socket.socket(fileno=os.dup(fd))
         except OSError as e:
             raise ChannelError(f"Unable to use file descriptor {fd}: {e.strerror}") from e
+        handed_over = False  # True once the channel owns probe
         try:
             if probe.type != _socket.SOCK_STREAM:
                 raise ChannelError(f"File descriptor {fd} is not a stream socket")
@@ -500,13 +501,13 @@ class SocketChannel(Channel):
             elif listening:
                 probe.setblocking(False)
                 chan._start_listening(probe, listen_feature=False)
-                probe = None  # type: ignore[assignment]  # the channel owns it now
+                handed_over = True
             else:
                 chan._bare = probe
                 chan._local = from_sockaddr(probe.family, probe.getsockname())
-                probe = None  # type: ignore[assignment]
+                handed_over = True
         finally:
-            if probe is not None:
+            if not handed_over:
                 probe.close()
         os.close(fd)  # success: the channel holds its own descriptor for this socket
         return chan

@@ -1,4 +1,4 @@
-"""qiotwisted.run_in_worker: the one-liner Task for a blocking function."""
+"""Small public helpers: run_in_worker (the one-liner Task) and port_of."""
 
 from __future__ import annotations
 
@@ -33,3 +33,15 @@ async def test_exceptions_fail_the_deferred(reactor: Any) -> None:
 
     with pytest.raises(OSError, match="No space left"):
         await run_in_worker(boom, reactor=reactor)
+
+
+def test_port_of_reads_twisted_and_qemu_style_addresses() -> None:
+    from twisted.internet.address import IPv4Address, UNIXAddress
+
+    from qiotwisted import port_of
+    from qiotwisted.channel import InetSocketAddress
+
+    assert port_of(IPv4Address("TCP", "127.0.0.1", 4444)) == 4444
+    assert port_of(InetSocketAddress("::1", 5555)) == 5555
+    with pytest.raises(ValueError, match="no TCP port"):
+        port_of(UNIXAddress(b"/run/q.sock"))

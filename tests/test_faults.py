@@ -49,7 +49,7 @@ from tests.test_limits import (
     text,
 )
 from tests.test_wire import build_multifd, build_stream
-from tests.twistd_proc import _LISTENING, BIN, Twistd
+from tests.twistd_proc import BIN, Twistd, twistd_qio
 
 
 def sha256(path: Path) -> str:
@@ -350,7 +350,6 @@ async def test_orphan_multifd_session_is_filed_after_the_handshake_timeout(rigs:
 # -- the real twistd child ---------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def twistd_record(
     workdir: Path,
     output: Path,
@@ -358,36 +357,11 @@ def twistd_record(
     *,
     preexec_fn: Callable[[], None] | None = None,
     timeout: float = 30.0,
-) -> Iterator[Twistd]:
-    """``twistd -n qio record`` on 127.0.0.1:0 (as tests/twistd_proc.py, plus *preexec_fn*)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / f"twistd-{time.monotonic_ns()}.log"
-    argv = [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(log_path), "qio"]
-    argv += ["record", "--listen", "tcp:0:interface=127.0.0.1", "--output", str(output), *args]
-    proc = subprocess.Popen(
-        argv, cwd=workdir, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn
+) -> contextlib.AbstractContextManager[Twistd]:
+    """``twistd -n qio record`` on 127.0.0.1:0 into *output*, with *preexec_fn*."""
+    return twistd_qio(
+        workdir, ["record", *args], output=output, preexec_fn=preexec_fn, timeout=timeout
     )
-    try:
-        t = Twistd(proc, log_path, output, [])
-        deadline = time.monotonic() + timeout
-        while True:
-            log = t.log() if log_path.exists() else ""
-            if "ready" in log and (m := _LISTENING.search(log)):
-                t.addresses = [a.strip() for a in m.group(1).split(",")]
-                break
-            if proc.poll() is not None:
-                raise AssertionError(f"twistd exited with {proc.returncode}:\n{log}")
-            assert time.monotonic() < deadline, f"twistd not ready after {timeout} s:\n{log}"
-            time.sleep(0.05)  # bounded poll of the child's log
-        yield t
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def send(port: int, data: bytes, *, close: bool = True) -> socket.socket:

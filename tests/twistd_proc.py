@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,11 +90,13 @@ def twistd_qio(
     listen: Sequence[str] = ("tcp:0:interface=127.0.0.1",),
     output: Path | None = None,
     extra_output: bool = True,
+    preexec_fn: Callable[[], None] | None = None,
     timeout: float = 30.0,
 ) -> Iterator[Twistd]:
     """Start ``twistd -n qio ARGS --listen ... [--output ...]`` and wait until it is ready.
 
-    *extra_output* False leaves ``--output`` off (for ``proxy``, which has none).
+    *extra_output* False leaves ``--output`` off (for ``proxy``, which has none);
+    *preexec_fn* runs in the child before twistd (e.g. to set an rlimit).
     """
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,9 @@ def twistd_qio(
         argv += ["--listen", description]
     if extra_output:
         argv += ["--output", str(output)]
-    proc = subprocess.Popen(argv, cwd=workdir, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        argv, cwd=workdir, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn
+    )
     try:
         t = Twistd(proc, log_path, output, [])
         deadline = time.monotonic() + timeout

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from qiotwisted.migration.wire import (
+    MULTIFD_FLAG_SYNC,
     ChannelKind,
     MainStreamWalker,
     MultifdInit,
@@ -162,9 +163,11 @@ def test_multifd_capture_walk_replay(tmp_path: Path) -> None:
         assert sum(ch.normal_pages for ch in chans) >= (RAM_MIB << 20) // 4096
         check_multifd(main, chans, expected=2)
 
-        # A channel cut exactly after a packet is well-formed; only the SYNC count catches it.
+        # A channel cut exactly before its last SYNC packet is well-formed; only the SYNC
+        # count catches it.  (Cutting before the very last packet is not enough: a 7.2
+        # source may follow its final SYNC with an empty non-SYNC packet, which is no loss.)
         ch0 = chans[0]
-        boundary = _last_packet_boundary(chan_paths[0])
+        boundary = _last_sync_packet_start(chan_paths[0])
         cut = walk_multifd(chan_paths[0], main, limit=boundary)
         assert cut.ok
         assert cut.sync_packets < ch0.sync_packets or cut.packets < ch0.packets
@@ -185,16 +188,18 @@ def test_multifd_capture_walk_replay(tmp_path: Path) -> None:
             check_ram(dst, src.ram_path)
 
 
-def _last_packet_boundary(path: Path) -> int:
-    """Offset of the start of the last packet of a multifd channel file."""
+def _last_sync_packet_start(path: Path) -> int:
+    """Offset of the start of the last SYNC packet of a multifd channel file."""
     import struct
 
     data = path.read_bytes()
-    pos, last = 64, 64
+    pos, last = 64, None
     while pos < len(data):
-        last = pos
-        alloc, normal = struct.unpack_from(">II", data, pos + 12)
+        flags, alloc, normal = struct.unpack_from(">III", data, pos + 8)
+        if flags & MULTIFD_FLAG_SYNC:
+            last = pos
         pos += 320 + 8 * alloc + normal * 4096
+    assert last is not None, f"{path} holds no SYNC packet"
     return last
 
 

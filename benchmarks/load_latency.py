@@ -16,21 +16,26 @@ Printed for each phase: the timer's samples, p50, p99 and max lateness in ms
 (goal under load: p99 < 20 ms, max < 100 ms), plus the migration's outcome,
 duration and rate, the session's status and the handshakes that succeeded.
 
-``--per-turn KIB`` is a diagnosis knob, not a setting of the library: it lowers,
-for this run only, how much one reactor turn reads and decrypts per channel
-(the recorder's ``READ_SIZE``, ``TLSChannel``'s ciphertext feed and
-``SocketChannel``'s ``read_burst``, 1 MiB each by default), to show how much of
-the lateness comes from those bursts; ``--handshakes 0`` and ``--plain`` take
-the handshake burst and TLS out.
+``--per-turn KIB`` is a diagnosis knob, not a setting of the library: it
+changes, for this run only, how much one reactor turn reads and decrypts per
+channel (the recorder's ``READ_SIZE``, 1 MiB; ``TLSChannel``'s ciphertext feed,
+256 KiB; ``SocketChannel``'s ``read_burst``, 1 MiB, which a TLS channel lowers
+to 256 KiB on its master), to show how much of the lateness comes from those
+bursts; ``--handshakes 0`` and ``--plain`` take the handshake burst and TLS
+out.  ``--attribute`` times every reactor dispatch (per protocol class, the
+timer and thread-call phase, TLS handshake steps, GC passes) and prints where
+the reactor's time went and its slowest turns.
 
     python benchmarks/load_latency.py
     python benchmarks/load_latency.py --ram-mib 256 --handshakes 100
     python benchmarks/load_latency.py --handshakes 0 --per-turn 64
+    python benchmarks/load_latency.py --attribute
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import socket
 import subprocess
@@ -85,6 +90,89 @@ def client_main(port: int, pki_dir: str, n: int) -> int:
     return 0
 
 
+class Attribution:
+    """Diagnosis: how long each reactor dispatch held the thread, grouped by what ran.
+
+    Wraps the poll reactor's per-fd dispatch (``_doReadOrWrite``) and
+    ``runUntilCurrent`` (timers and ``callFromThread`` work), and keeps, per
+    kind (the selectable's protocol class, or "timers+threads"), the count,
+    total and worst durations.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.stats: dict[str, list[float]] = {}
+        self.slow: list[tuple[float, list[str], list[str]]] = []
+        self._gc_t0 = 0.0
+        dispatch = reactor._doReadOrWrite
+        run_until_current = reactor.runUntilCurrent
+        clock = time.perf_counter
+
+        def timed_dispatch(selectable: Any, fd: int, event: int) -> None:
+            t0 = clock()
+            try:
+                dispatch(selectable, fd, event)
+            finally:
+                proto = getattr(selectable, "protocol", None)
+                kind = type(proto if proto is not None else selectable).__qualname__
+                self._add(kind, clock() - t0)
+
+        def timed_run_until_current() -> None:
+            t0 = clock()
+            now = reactor.seconds()
+            queued = [getattr(f, "__qualname__", repr(f)) for f, _, _ in reactor.threadCallQueue]
+            due = [
+                getattr(c.func, "__qualname__", repr(c.func))
+                for c in reactor._pendingTimedCalls
+                if not c.cancelled and c.time <= now
+            ]
+            try:
+                run_until_current()
+            finally:
+                took = clock() - t0
+                self._add("timers+threads", took)
+                if took > 0.010:
+                    self.slow.append((round(took * 1000, 1), queued[:8], due[:8]))
+
+        def gc_callback(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                self._gc_t0 = clock()
+            else:
+                self._add(f"gc gen{info['generation']}", clock() - self._gc_t0)
+
+        gc.callbacks.append(gc_callback)
+
+        from qiotwisted.channel import _tlspump
+
+        pump_class: Any = _tlspump.TLSPump  # patched for this diagnosis run only
+        handshake = pump_class.handshake
+
+        def timed_handshake(pump: Any) -> bool:
+            t0 = clock()
+            try:
+                return handshake(pump)
+            finally:
+                self._add("  of which TLS handshake steps", clock() - t0)
+
+        pump_class.handshake = timed_handshake
+        reactor._doReadOrWrite = timed_dispatch
+        reactor.runUntilCurrent = timed_run_until_current
+
+    def _add(self, kind: str, seconds: float) -> None:
+        self.stats.setdefault(kind, []).append(seconds)
+
+    def report(self) -> None:
+        for kind, d in sorted(self.stats.items(), key=lambda kv: -sum(kv[1])):
+            d.sort()
+            print(
+                f"dispatch {kind}: {len(d)} calls, {sum(d) * 1000:.0f} ms total, "
+                f"p99 {d[int(len(d) * 0.99)] * 1000:.2f} ms, worst "
+                f"{', '.join(f'{x * 1000:.1f}' for x in d[-5:])} ms",
+                flush=True,
+            )
+        for took, queued, due in self.slow:
+            print(f"slow timers+threads turn {took} ms: from threads {queued}, timers {due}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ram-mib", type=int, default=512)
@@ -93,6 +181,11 @@ def main() -> int:
     p.add_argument("--idle", type=float, default=2.0)
     p.add_argument("--plain", action="store_true", help="no TLS (to attribute the lateness)")
     p.add_argument("--per-turn", type=int, default=0, help="diagnosis: KiB read per turn")
+    p.add_argument(
+        "--attribute",
+        action="store_true",
+        help="diagnosis: time every reactor dispatch and print the slowest by kind",
+    )
     p.add_argument("--client", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.client:
@@ -122,6 +215,8 @@ def main() -> int:
         tls_mod._FEED = size  # type: ignore[misc]
         init: Any = socket_mod.SocketChannel.__init__
         init.__kwdefaults__ = {**init.__kwdefaults__, "read_burst": size}
+
+    attribution = Attribution(reactor) if a.attribute else None
 
     result: dict[str, Any] = {
         "ram_mib": a.ram_mib,
@@ -265,6 +360,8 @@ def main() -> int:
         f"{result['filed_at_s']} s",
         flush=True,
     )
+    if attribution is not None:
+        attribution.report()
     goal = result["load"]["p99_ms"] < 20 and result["load"]["max_ms"] < 100
     print(f"goal p99 < 20 ms and max < 100 ms: {'met' if goal else 'NOT met'}")
     ok = result["session"] == "complete" and hs["ok"] == a.handshakes

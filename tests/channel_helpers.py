@@ -163,3 +163,29 @@ class TurnReactor:
                 call.func(*call.args)
                 ran += 1
         return ran
+
+
+class TurnCounter:
+    """Counts reactor turns: a ``callLater(0)`` that re-arms itself until stopped.
+
+    Read :attr:`tick` inside a callback to learn which turn it runs in.
+    Bounded: it stops by itself after *limit* turns.
+    """
+
+    def __init__(self, reactor: Any, limit: int = 100_000) -> None:
+        self.reactor = reactor
+        self.limit = limit
+        self.tick = 0
+        self._running = False
+
+    def start(self) -> None:
+        self._running = True
+        self._turn()
+
+    def stop(self) -> None:
+        self._running = False
+
+    def _turn(self) -> None:
+        self.tick += 1
+        if self._running and self.tick < self.limit:
+            self.reactor.callLater(0, self._turn)

@@ -36,6 +36,7 @@ from qiotwisted.channel import (
     SocketChannel,
     port_of,
 )
+from qiotwisted.channel import tls as tls_mod
 from qiotwisted.channel._base import Buffer, WouldBlock
 from qiotwisted.channel._tlspump import EOFKind, TLSError, TLSPump
 from qiotwisted.channel.tls import MAX_WRITE, TLSChannel, TLSHandshakeError
@@ -51,7 +52,7 @@ from qiotwisted.crypto import pki as _pki
 from qiotwisted.crypto._dn import parse_dn
 from qiotwisted.errors import ChannelError
 from qiotwisted.task import Task, set_trace_enabled, trace_enabled
-from tests.channel_helpers import TOTAL, ChannelTest
+from tests.channel_helpers import TOTAL, ChannelTest, TurnCounter
 from tests.pki import CLIENT_DN, TestPKI, pki_fixture  # noqa: F401
 
 # ---- an in-memory channel pair ------------------------------------------------------------------
@@ -1009,3 +1010,71 @@ def test_pump_handshake_eof_is_an_error(server_creds: TLSCreds) -> None:
     s.feed(b"")
     with pytest.raises(TLSError, match="non-properly terminated"):
         s.handshake()
+
+
+# ---- how much one reactor turn does -------------------------------------------------------------
+
+
+async def test_tls_caps_a_socket_masters_read_burst(
+    reactor: Any, server_creds: TLSCreds, client_creds: TLSCreds
+) -> None:
+    a, b = _socketpair()
+    assert a.read_burst > tls_mod.TURN_BYTES  # the plain default reads more per turn
+    b.read_burst = 64 * 1024
+    with pytest.raises(ValueError, match="negative"):
+        b.read_burst = -1
+    client = TLSChannel.new_client(a, client_creds, "localhost")
+    server = TLSChannel.new_server(b, server_creds)
+    assert a.read_burst == tls_mod.TURN_BYTES  # decryption per turn is bounded
+    assert b.read_burst == 64 * 1024  # a smaller one is kept
+    await _handshake_both(client, server)
+    await client.write_all(b"x" * 300_000)
+    got = b""
+    for _ in range(100):  # bounded: 300 kB arrive in a few reads
+        got += await server.read(1 << 20)
+        if len(got) == 300_000:
+            break
+    assert got == b"x" * 300_000
+    await _close_all(client, server)
+
+
+async def test_handshake_steps_past_the_turn_budget_wait_for_later_turns(
+    reactor: Any, monkeypatch: pytest.MonkeyPatch, server_creds: TLSCreds, client_creds: TLSCreds
+) -> None:
+    """With no budget, each reactor turn runs one handshake step; all still complete."""
+    monkeypatch.setattr(tls_mod, "HANDSHAKE_TURN_BUDGET", 0.0)
+    turns = TurnCounter(reactor)
+    steps_at: list[int] = []
+    step = TLSChannel._handshake_step
+
+    def counted_step(self: TLSChannel) -> None:
+        steps_at.append(turns.tick)
+        step(self)
+
+    monkeypatch.setattr(TLSChannel, "_handshake_step", counted_step)
+    turns.start()
+    pairs = []
+    for _ in range(6):
+        a, b = _socketpair()
+        pairs.append(
+            (
+                TLSChannel.new_client(a, client_creds, "localhost"),
+                TLSChannel.new_server(b, server_creds),
+            )
+        )
+    tasks = [c.handshake() for c, _ in pairs]  # all queued: none may run in this turn
+    assert steps_at == []
+    assert len(tls_mod._handshake_turns(reactor)._queue) == 6
+    # A channel closed while it waits is skipped; the others go on.
+    doomed_client, doomed_server = pairs.pop(0)
+    await doomed_client.close()
+    await doomed_server.close()
+    tasks.pop(0)
+    tasks += [s.handshake() for _, s in pairs]
+    await gatherResults([t.deferred for t in tasks])
+    turns.stop()
+    assert all(c.handshake_complete and s.handshake_complete for c, s in pairs)
+    assert len(steps_at) >= 2 * len(pairs)
+    assert len(set(steps_at)) == len(steps_at), "two handshake steps ran in one reactor turn"
+    for c, s in pairs:
+        await _close_all(c, s)

@@ -21,9 +21,10 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs
 
-from qiotwisted.channel import SocketChannel
+from qiotwisted.channel import BufferChannel, SocketChannel
 from qiotwisted.listener import NetListener
-from qiotwisted.migration.recorder import Recorder
+from qiotwisted.migration.recorder import READ_SIZE, Recorder
+from tests.channel_helpers import TurnCounter
 from tests.test_wire import build_multifd, build_stream
 
 
@@ -213,3 +214,35 @@ async def test_stop_files_in_flight_sessions_as_incomplete(rig: Rig, reactor: An
     assert status == "incomplete"
     assert manifest(path)["channels"][0]["bytes"] == 500
     await ch.close()
+
+
+async def test_a_backlog_is_recorded_over_several_reactor_turns(
+    reactor: Any, tmp_path: Path
+) -> None:
+    """A channel with megabytes ready at once does not hold the reactor for all of them."""
+    stream = build_stream().data + bytes(5 * READ_SIZE)  # a garbage tail: kept, incomplete
+    channel = BufferChannel(reactor=reactor)
+    await channel.write_all(stream)
+    channel.seek(0)
+    turns = TurnCounter(reactor)
+    read_at: list[int] = []
+    read = channel.read
+
+    def counted_read(nbytes: int, *, peek: bool = False) -> Deferred[bytes]:
+        read_at.append(turns.tick)
+        return read(nbytes, peek=peek)
+
+    spied: Any = channel  # an instance-level spy on read()
+    spied.read = counted_read
+
+    recorder = Recorder(tmp_path / "rec", reactor=reactor)
+    filed = recorder.next_session()
+    turns.start()
+    recorder.client_func(None, channel)
+    path, status = await filed
+    turns.stop()
+    await recorder.stop()
+    assert status == "incomplete"
+    assert (path / "main.bin").read_bytes() == stream  # nothing stored is lost
+    # Every read returned at once, yet the reads span at least one turn per READ_SIZE.
+    assert len(set(read_at)) >= len(stream) // READ_SIZE

@@ -310,6 +310,17 @@ class SocketChannel(Channel):
         # bare mode: a socket that is neither connected nor listening (QEMU allows it)
         self._bare: _socket.socket | None = None
 
+    @property
+    def read_burst(self) -> int:
+        """Bytes read past a full ``recv`` in the same reactor turn (see the constructor)."""
+        return self._read_burst
+
+    @read_burst.setter
+    def read_burst(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("read_burst must not be negative")
+        self._read_burst = value
+
     def _child_kwargs(self) -> dict[str, Any]:
         return {
             "reactor": self._reactor_arg,
@@ -544,7 +555,7 @@ class SocketChannel(Channel):
             # Closed before the connection completed: do not leak it.
             transport.loseConnection()
             return
-        if self._read_burst and isinstance(transport, _tcp.Connection):
+        if isinstance(transport, _tcp.Connection):
             sock = transport.getHandle()
             # TCP only: on UNIX sockets a plain recv would drop passed fds.
             if sock.family in (_socket.AF_INET, _socket.AF_INET6):

@@ -43,6 +43,7 @@ from typing import Any
 from uuid import UUID
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from .._pool import WorkerPool
@@ -521,8 +522,12 @@ class Recorder:
         try:
             if session.stop_reason is not None:  # stopped while this channel joined
                 raw.close()
+            in_turn = 0  # bytes taken since the reactor last ran anything else
             while True:
-                data = await channel.read(READ_SIZE)
+                pending = channel.read(READ_SIZE)
+                if not pending.called:
+                    in_turn = 0  # this read waits for the reactor anyway
+                data = await pending
                 if not data:
                     clean_eof = True
                     break
@@ -531,6 +536,13 @@ class Recorder:
                 if rate is not None:
                     rate.add(len(data))
                 sink.write(data)
+                in_turn += len(data)
+                if in_turn >= READ_SIZE:
+                    # Yield: with a backlog buffered (say, after the disk
+                    # caught up), a TLS channel would otherwise decrypt all
+                    # of it in this reactor turn.
+                    in_turn = 0
+                    await deferLater(self.reactor, 0)
                 drained = sink.drained()
                 if not drained.called:
                     watchdog.busy = True  # waiting for our disk, not for the source

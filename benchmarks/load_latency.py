@@ -222,7 +222,7 @@ def main() -> int:
         "ram_mib": a.ram_mib,
         "channels": a.channels,
         "tls": not a.plain,
-        "per_turn_kib": a.per_turn or 1024,
+        "per_turn_kib": a.per_turn or None,
     }
     tmp = tempfile.TemporaryDirectory(prefix="qiot-latency-")
     root = Path(tmp.name)
@@ -346,9 +346,10 @@ def main() -> int:
         )
     m = result["migration"]
     hs = result["handshakes"]
+    per_turn = f"{a.per_turn} KiB per turn" if a.per_turn else "library per-turn limits"
     print(
         f"load: QEMU {a.ram_mib} MiB, multifd {a.channels}{'' if a.plain else ' + TLS'}, "
-        f"{result['per_turn_kib']} KiB per turn: {m['status']} in "
+        f"{per_turn}: {m['status']} in "
         f"{m.get('seconds')} s ({m.get('MB_per_s')} MB/s); session {result['session']} "
         f"({result['channels_recorded']} channels, {result['bytes']} bytes); handshakes "
         f"{hs['ok']}/{a.handshakes} ok, {hs['failed']} failed",

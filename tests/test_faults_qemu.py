@@ -15,13 +15,16 @@ Each test fails (does not skip) when QEMU is missing; every wait is bounded.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import signal
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -144,6 +147,17 @@ def test_tls_source_killed_mid_stream(tmp_path: Path) -> None:
         assert manifest(last)["status"] == "complete"
 
 
+def _wait_sent(sock: socket.socket, timeout: float) -> None:
+    """Wait (bounded) until the kernel has sent everything written to *sock*."""
+    unsent = array.array("i", [0])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fcntl.ioctl(sock, termios.TIOCOUTQ, unsent)  # SIOCOUTQ: bytes not yet sent
+        if unsent[0] == 0:
+            return
+        time.sleep(0.005)  # a bounded poll of the kernel's queue, 5 s at most
+
+
 class Relay:
     """A plain TCP relay (threads) between QEMU and the recorder, one upstream per channel.
 
@@ -157,6 +171,7 @@ class Relay:
         self.kill_index = kill_index
         self.kill_after = kill_after
         self.killed = threading.Event()
+        self.forwarded = b""  # what went through connection kill_index
         self.lsock = socket.socket()
         self.lsock.bind(("127.0.0.1", 0))
         self.lsock.listen(16)
@@ -196,7 +211,12 @@ class Relay:
                     break
                 dst.sendall(data)
                 total += len(data)
+                if index == self.kill_index:
+                    self.forwarded += data
                 if index == self.kill_index and total >= self.kill_after:
+                    # SO_LINGER 0 discards what the kernel has not sent yet:
+                    # let the recorder receive every byte counted first.
+                    _wait_sent(dst, timeout=5.0)
                     linger = struct.pack("ii", 1, 0)
                     for s in (src, dst):
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
@@ -244,6 +264,9 @@ def test_one_multifd_channel_reset_mid_stream(tmp_path: Path) -> None:
         assert [c["kind"] for c in broken] == ["multifd"], m["channels"]
         assert m["reason"].startswith(broken[0]["file"] + ": "), m["reason"]
         assert broken[0]["bytes"] >= 1 << 20
+        # Nothing stored is lost or invented: the file is what the relay forwarded.
+        stored = (session / broken[0]["file"]).read_bytes()
+        assert stored == relay.forwarded[: len(stored)] and len(stored) == broken[0]["bytes"]
         assert sorted(c["kind"] for c in m["channels"]) == ["main"] + ["multifd"] * 4
         assert snapshot(earlier) == before
         assert svc.proc.poll() is None and not svc.incoming()

@@ -5,9 +5,12 @@ channel is connected first (with TLS, handshaken) and its first bytes are
 written before any multifd channel connects, because 7.2 does not peek and
 takes the first connection as main; then every multifd channel connects on
 its own and all are fed concurrently, since the destination waits on sync
-points across channels.  Each channel is written with backpressure
-(``write_all`` waits while the socket's buffer is full) from a file read in
-worker threads, one chunk ahead, so memory stays bounded whatever the size.
+points across channels.  A plain TCP or UNIX channel is sent with
+``sendfile(2)`` by a thread of its own (:mod:`._sendfile`): the bytes never
+enter Python, and the thread waits while the socket is full.  Any other
+channel (TLS) is written with backpressure (``write_all`` waits while the
+socket's buffer is full) from a file read in worker threads, one chunk
+ahead.  Either way memory stays bounded whatever the size.
 
 Never connect to a destination just to probe it: a plain QEMU destination takes
 any connection as its main channel and exits when it closes.
@@ -32,6 +35,7 @@ from .._pool import WorkerPool
 from ..channel import Channel, SocketChannel
 from ..task import run_in_worker
 from . import wire
+from ._sendfile import SendfilePump
 from .session import MANIFEST
 
 __all__ = ["ChannelPlan", "Progress", "ReplayError", "load_plan", "send_session"]
@@ -179,17 +183,29 @@ class Sender:
         except Exception as e:
             main_plan.error = f"connect: {e}"
             return False
-        main_reader = _FileReader(main_plan.path, pool=self._pool, reactor=self._reactor)
-        try:
-            first = await main_reader.read(min(CHUNK, 1 << 16))
-            await main.write_all(first)
-            main_plan.sent += len(first)
-        except Exception as e:
-            main_plan.error = str(e)
-            await main.close()
-            await main_reader.close()
-            return False
-        sends = [Deferred.fromCoroutine(self._send(main_plan, main, main_reader))]
+        pump = SendfilePump.take(main, main_plan)
+        if pump is not None:
+            # The pump writes main's first bytes; the multifd channels connect
+            # once they went out, as below.
+            started: Deferred[None] = Deferred()
+            sends = [Deferred.fromCoroutine(self._pump(main_plan, main, pump, b"", started))]
+            try:
+                await started
+            except Exception:
+                await sends[0]  # it recorded the error and closed the channel
+                return False
+        else:
+            main_reader = _FileReader(main_plan.path, pool=self._pool, reactor=self._reactor)
+            try:
+                first = await main_reader.read(min(CHUNK, 1 << 16))
+                await main.write_all(first)
+                main_plan.sent += len(first)
+            except Exception as e:
+                main_plan.error = str(e)
+                await main.close()
+                await main_reader.close()
+                return False
+            sends = [Deferred.fromCoroutine(self._send(main_plan, main, main_reader))]
         for plan in multifd:
             sends.append(Deferred.fromCoroutine(self._connect_and_send(plan)))
         results = await DeferredList(sends, consumeErrors=True)
@@ -205,7 +221,48 @@ class Sender:
             plan.error = f"connect: {e}"
             return
         reader = _FileReader(plan.path, pool=self._pool, reactor=self._reactor)
-        await self._send(plan, channel, reader)
+        pump = SendfilePump.take(channel, plan)
+        if pump is None:
+            await self._send(plan, channel, reader)
+            return
+        head = b""
+        if self._uuid is not None:
+            # The init packet (first 64 KiB read, rewritten) goes before the file.
+            try:
+                head = wire.rewrite_multifd_uuid(await reader.read(1 << 16), self._uuid)
+            except Exception as e:
+                plan.error = str(e)
+                await channel.close()
+                return
+            finally:
+                await reader.close()
+        else:
+            await reader.close()
+        await self._pump(plan, channel, pump, head)
+
+    async def _pump(
+        self,
+        plan: ChannelPlan,
+        channel: Channel,
+        pump: SendfilePump,
+        head: bytes,
+        started: Deferred[None] | None = None,
+    ) -> None:
+        """Send *plan*'s file with :class:`SendfilePump`; *head* replaces its first bytes."""
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        try:
+            await pump.run(reactor, head, len(head), plan.size, started)
+            _settle(plan)
+        except Exception as e:
+            self._fail(plan, e)
+        finally:
+            await channel.close()
+
+    def _fail(self, plan: ChannelPlan, error: Exception) -> None:
+        plan.error = str(error)
+        self.log.error("{file}: {error}", file=plan.path.name, error=error)
 
     async def _send(self, plan: ChannelPlan, channel: Channel, reader: _FileReader) -> None:
         try:
@@ -224,15 +281,19 @@ class Sender:
             bye = getattr(channel, "bye", None)
             if bye is not None:
                 await bye()
-            plan.done = plan.sent == plan.size
-            if not plan.done:
-                plan.error = f"file changed while sending: {plan.sent} of {plan.size} bytes"
+            _settle(plan)
         except Exception as e:
-            plan.error = str(e)
-            self.log.error("{file}: {error}", file=plan.path.name, error=e)
+            self._fail(plan, e)
         finally:
             await channel.close()
             await reader.close()
+
+
+def _settle(plan: ChannelPlan) -> None:
+    """Mark *plan* done if all of its file went out, else say the file changed."""
+    plan.done = plan.sent == plan.size
+    if not plan.done:
+        plan.error = f"file changed while sending: {plan.sent} of {plan.size} bytes"
 
 
 def send_session(

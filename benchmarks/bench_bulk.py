@@ -35,9 +35,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from qiotwisted.channel import port_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._rounds import bulk_rounds
 
 SEND_CHUNK = 1 << 20
 
@@ -240,37 +245,20 @@ def main() -> None:
         "protocol": "Twisted Protocol (baseline)",
         "channel": "SocketChannel.read (qiotwisted)",
     }
-    wall: dict[str, list[float]] = {v: [] for v in variants}
-    cpu: dict[str, list[float]] = {v: [] for v in variants}
-    rss: dict[str, list[int]] = {v: [] for v in variants}
-    round_ratios: list[float] = []
     print(
         f"bulk receive over loopback TCP: {args.rounds} interleaved rounds of "
         f"{size / (1 << 20):.0f} MiB; channel reads of {args.nbytes} bytes; "
         f"receiver on CPU {args.receiver_cpu}, sender on CPU {args.sender_cpu}"
     )
-    for r in range(args.rounds):
-        order = variants[r % 3 :] + variants[: r % 3]  # rotate who goes first
-        this: dict[str, float] = {}
-        for v in order:
-            res = one_run(v, size, args)
-            gbps = res["bytes"] / res["seconds"] / 1e9
-            cpu_gbps = res["bytes"] / max(res["cpu_seconds"], 1e-9) / 1e9
-            wall[v].append(gbps)
-            cpu[v].append(cpu_gbps)
-            rss[v].append(res["rss_kib"])
-            this[v] = gbps
-            print(
-                f"  round {r + 1} {v:8s} {gbps:6.2f} GB/s wall  {cpu_gbps:6.2f} GB/cpu-s"
-                f"  peak RSS {res['rss_kib'] / 1024:5.1f} MiB"
-            )
-        round_ratios.append(this["channel"] / this["protocol"])
-    mw = {v: statistics.median(wall[v]) for v in variants}
-    mc = {v: statistics.median(cpu[v]) for v in variants}
-    print()
-    print(f"{'receiver (medians)':<34}{'GB/s wall':>10}{'GB/cpu-s':>10}{'peak RSS MiB':>14}")
-    for v in variants:
-        print(f"{labels[v]:<34}{mw[v]:>10.2f}{mc[v]:>10.2f}{max(rss[v]) / 1024:>14.1f}")
+    mw, mc, round_ratios = bulk_rounds(
+        variants,
+        labels,
+        args.rounds,
+        lambda v: one_run(v, size, args),
+        order=lambda r: variants[r % 3 :] + variants[: r % 3],  # rotate who goes first
+        ours="channel",
+        baseline="protocol",
+    )
     print(
         f"ratio channel / protocol: wall {mw['channel'] / mw['protocol']:.2f}x, "
         f"per receiver CPU second {mc['channel'] / mc['protocol']:.2f}x, "

@@ -48,6 +48,10 @@ from typing import Any
 
 from qiotwisted.channel import port_of
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._rounds import bulk_rounds
+
 SEND_CHUNK = 1 << 20
 
 
@@ -463,36 +467,21 @@ def bulk_benchmark(args: argparse.Namespace) -> None:
     size = parse_size(args.size)
     variants = ["twisted", "channel"]
     labels = {"twisted": "Twisted TLS Protocol", "channel": "TLSChannel.read (qiotwisted)"}
-    wall: dict[str, list[float]] = {v: [] for v in variants}
-    cpu: dict[str, list[float]] = {v: [] for v in variants}
-    rss: dict[str, list[int]] = {v: [] for v in variants}
-    per_round: list[float] = []
     print(
         f"bulk TLS receive: {args.rounds} interleaved rounds of {size / (1 << 20):.0f} MiB "
         f"from a stdlib ssl sender; channel reads of {args.nbytes} bytes"
     )
-    for r in range(args.rounds):
-        order = variants if r % 2 == 0 else variants[::-1]
-        this: dict[str, float] = {}
-        for v in order:
-            res = bulk_run(v, size, args)
-            gbps = res["bytes"] / res["seconds"] / 1e9
-            cgbps = res["bytes"] / max(res["cpu_seconds"], 1e-9) / 1e9
-            wall[v].append(gbps)
-            cpu[v].append(cgbps)
-            rss[v].append(res["rss_kib"])
-            this[v] = gbps
-            print(
-                f"  round {r + 1} {v:8s} {gbps:6.3f} GB/s wall  {cgbps:6.3f} GB/cpu-s  "
-                f"{res['cipher']}  peak RSS {res['rss_kib'] / 1024:5.1f} MiB"
-            )
-        per_round.append(this["channel"] / this["twisted"])
-    mw = {v: statistics.median(wall[v]) for v in variants}
-    mc = {v: statistics.median(cpu[v]) for v in variants}
-    print()
-    print(f"{'receiver (medians)':<32}{'GB/s wall':>10}{'GB/cpu-s':>10}{'peak RSS MiB':>14}")
-    for v in variants:
-        print(f"{labels[v]:<32}{mw[v]:>10.3f}{mc[v]:>10.3f}{max(rss[v]) / 1024:>14.1f}")
+    mw, mc, per_round = bulk_rounds(
+        variants,
+        labels,
+        args.rounds,
+        lambda v: bulk_run(v, size, args),
+        order=lambda r: variants if r % 2 == 0 else variants[::-1],
+        ours="channel",
+        baseline="twisted",
+        digits=3,
+        detail=lambda res: f"{res['cipher']}  ",
+    )
     print(
         f"ratio TLSChannel / Twisted: wall {mw['channel'] / mw['twisted']:.2f}x, per receiver "
         f"CPU second {mc['channel'] / mc['twisted']:.2f}x, median of per-round wall ratios "
